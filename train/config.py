@@ -1,0 +1,227 @@
+"""The config schema: every key, its type, its default and its allowed range, in one place.
+
+A run is described by a YAML file plus `dotted.key=value` overrides. Both are validated once by
+pydantic; any problem raises `ConfigError` with one line that names the key and the bad value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class ConfigError(ValueError):
+    """A bad config file, key, type or value. The message is meant for the user as it is."""
+
+
+class Section(BaseModel):
+    # Unknown keys are errors, not silently ignored typos.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimConfig(Section):
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up, in optimizer steps")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
+
+
+class WandbConfig(Section):
+    # auto: online when W&B credentials are found (WANDB_API_KEY or ~/.netrc), else offline.
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "train"
+    entity: str | None = None
+    name: str | None = None
+    tags: list[str] = []
+
+
+class TextDataConfig(Section):
+    # `builtin:pydoc_topics` (text shipped with Python), a local file or directory
+    # (.txt/.json/.jsonl/.parquet), or a Hugging Face hub dataset name.
+    source: str = "builtin:pydoc_topics"
+    text_column: str = "text"
+    block_size: int = Field(128, ge=2)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
+    batch_size: int = Field(32, ge=1, description="per process, per micro-step")
+    eval_batch_size: int = Field(64, ge=1)
+    num_workers: int = Field(0, ge=0)
+    pin_memory: bool = False
+
+
+class SequenceModelConfig(Section):
+    arch: Literal["transformer", "lstm"] = "transformer"
+    d_model: int = Field(256, ge=8)
+    n_layers: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_ff: int = Field(1024, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    # Any attention registered in fast-transformers' AttentionRegistry that supports a causal mask.
+    attention_type: str = "chunked-causal-linear"
+    attention_chunk_size: int = Field(64, ge=1)
+
+    @field_validator("attention_type")
+    @classmethod
+    def _known_attention(cls, name: str) -> str:
+        from train.models.attention import registered_attention_types
+
+        known = registered_attention_types()
+        if name not in known:
+            hint = difflib.get_close_matches(name, known, n=3)
+            raise ValueError(
+                f"unknown attention type {name!r}"
+                + (f"; did you mean {', '.join(hint)}?" if hint else f"; known: {', '.join(known)}")
+            )
+        return name
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads_divide_width(cls, n_heads: int, info) -> int:
+        d_model = info.data.get("d_model")
+        if d_model is not None and d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        return n_heads
+
+
+class LMTaskConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    sample_prompt: str = "The "
+    sample_tokens: int = Field(200, ge=0, description="tokens sampled at each eval; 0 disables")
+    sample_temperature: float = Field(0.8, gt=0)
+    sample_top_k: int = Field(40, ge=0)
+
+
+class RunConfig(Section):
+    """Keys shared by every task."""
+
+    output_dir: str
+    seed: int = 0
+    max_steps: int = Field(ge=1, description="optimizer steps")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(100, ge=1)
+    eval_max_batches: int | None = Field(None, ge=1, description="cap per process; None = whole set")
+    checkpoint_every: int = Field(500, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    progress_bar: bool = True
+    optim: OptimConfig = OptimConfig()
+    wandb: WandbConfig = WandbConfig()
+
+
+class LMConfig(RunConfig):
+    task: Literal["lm"]
+    data: TextDataConfig = TextDataConfig()
+    model: SequenceModelConfig = SequenceModelConfig()
+    lm: LMTaskConfig = LMTaskConfig()
+
+
+# One schema per task; `task:` picks it.
+CONFIG_BY_TASK: dict[str, type[RunConfig]] = {"lm": LMConfig}
+TASK_NAMES = tuple(CONFIG_BY_TASK)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for i, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {dotted}=...: {'.'.join(keys[: i + 1])} is a value, not a section"
+            )
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"bad override {item!r}: expected dotted.key=value, e.g. max_steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(err: dict, raw: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        fields = _field_names(CONFIG_BY_TASK[raw["task"]], loc[:-1])
+        hint = difflib.get_close_matches(loc[-1], fields, n=3)
+        return f"unknown key {key!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+    if err["type"] == "missing":
+        return f"missing required key {key!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}={err.get('input')!r}: {msg}"
+
+
+def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
+    for part in path:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(
+            field.annotation, BaseModel
+        ):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def validate(raw: dict) -> RunConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError("config must be a YAML mapping of keys to values")
+    if "task" not in raw:
+        raise ConfigError(f"missing required key 'task' (one of: {', '.join(TASK_NAMES)})")
+    if raw["task"] not in TASK_NAMES:
+        raise ConfigError(f"task={raw['task']!r}: unknown task; choose one of: {', '.join(TASK_NAMES)}")
+    try:
+        return CONFIG_BY_TASK[raw["task"]].model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(e, raw) for e in exc.errors()]
+        raise ConfigError("; ".join(problems)) from None
+
+
+def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config, apply overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass a YAML file, e.g. configs/lm_tiny.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return validate(_merge(raw, parse_overrides(list(overrides))))
+
+
+def to_dict(config: BaseModel) -> dict:
+    return config.model_dump(mode="json")
+
+
+def save(config: BaseModel, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

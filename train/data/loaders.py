@@ -1,0 +1,75 @@
+"""Data loaders shared by every task.
+
+Training: a DistributedSampler shards the shuffled dataset across processes (same seed on every
+rank, `set_epoch` each epoch). Evaluation: each rank takes every world-th sample with no padding,
+so every validation sample is counted exactly once when the per-rank sums are reduced.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+
+class ShardSampler(Sampler[int]):
+    """Indices rank, rank + world, ... : disjoint across ranks, complete, no duplicates."""
+
+    def __init__(self, dataset_len: int, num_replicas: int, rank: int):
+        self.indices = range(rank, dataset_len, num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start part-way into an epoch (for resuming)."""
+
+    skip = 0  # samples of this rank's share to skip in the current epoch
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.skip
+
+
+def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int,
+                 num_workers: int = 0, pin_memory: bool = False, collate_fn=None) -> DataLoader:
+    sampler = ResumableDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
+    if len(sampler) < batch_size:
+        raise ValueError(
+            f"the training set has {len(dataset)} samples, fewer than one batch per process "
+            f"({batch_size} x {num_replicas} processes); lower data.batch_size or add data")
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
+                      num_workers=num_workers, pin_memory=pin_memory,
+                      persistent_workers=num_workers > 0, collate_fn=collate_fn)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int,
+                num_workers: int = 0, pin_memory: bool = False, collate_fn=None) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size,
+                      sampler=ShardSampler(len(dataset), num_replicas, rank),
+                      num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn)
+
+
+def batches_forever(loader: DataLoader, start_epoch: int = 0, skip_batches: int = 0):
+    """Yield (epoch, batch_index, batch) across epochs, reshuffling through `set_epoch`.
+
+    `skip_batches` resumes part-way into `start_epoch`: the sampler recomputes that epoch's order
+    from the seed and drops what was already consumed, without loading it.
+    """
+    epoch, skip = start_epoch, skip_batches
+    while True:
+        loader.sampler.set_epoch(epoch, skip=skip * loader.batch_size)
+        for i, batch in enumerate(loader, start=skip):
+            yield epoch, i, batch
+        epoch, skip = epoch + 1, 0

@@ -1,0 +1,105 @@
+"""Sample from a trained sequence model with its recurrent (O(1) per token) twin.
+
+    python -m train.generate RUN_DIR --prompt TEXT --max-new-tokens N \
+        [--temperature T] [--top-k K] [--seed S] [--num-samples B]
+
+Loads RUN_DIR's latest checkpoint on CPU, whatever device trained it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+EXIT_BAD_INPUT = 2
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, generator: torch.Generator | None = None) -> list[str]:
+    """Continue each prompt by `max_new_tokens` tokens, all prompts in one batch.
+
+    Every row steps through positions 0, 1, 2, ...: while a row is still inside its prompt the
+    prompt token is fed, afterwards the sampled one. Returns the continuations only.
+    """
+    stepper = model.recurrent()
+    device = next(stepper.parameters()).device
+    newline = tokenizer.encode("\n")
+    rows = [tokenizer.encode(p) or newline for p in prompts]  # empty prompt: start at a newline
+    lengths = [len(r) for r in rows]
+    total = max(lengths) + max_new_tokens
+    tokens = torch.zeros(len(rows), total, dtype=torch.long)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = torch.tensor(r)
+    in_prompt = torch.arange(total).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+
+    state = None
+    for pos in range(total - 1):
+        logits, state = stepper.step(tokens[:, pos].to(device), pos, state)
+        logits = logits.float().cpu() / temperature
+        if top_k:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        tokens[:, pos + 1] = torch.where(in_prompt[:, pos + 1], tokens[:, pos + 1], nxt)
+    return [tokenizer.decode(tokens[i, n: n + max_new_tokens].tolist())
+            for i, n in enumerate(lengths)]
+
+
+def load_run(run_dir: Path):
+    """(task, model on CPU with the latest checkpoint's weights) for a run directory."""
+    from train import checkpoint
+    from train.config import ConfigError, load
+    from train.tasks import build_task
+
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); "
+                          "pass the output_dir of a training run")
+    config = load(run_dir / "config.yaml")
+    latest = checkpoint.latest_checkpoint(run_dir)
+    if latest is None:
+        raise ConfigError(f"{run_dir} has no complete checkpoint yet under checkpoints/")
+    task = build_task(config)
+    if not hasattr(task, "tokenizer"):
+        raise ConfigError(f"{run_dir} trained a {config.task!r} model; generation needs a "
+                          "sequence model")
+    model = task.model()
+    model.load_state_dict(checkpoint.load_model_weights(latest), strict=True)
+    return task, model.eval(), latest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from train.config import ConfigError
+
+    parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 0 or args.num_samples < 1:
+        parser.error("need --max-new-tokens >= 1, --temperature > 0, --top-k >= 0, "
+                     "--num-samples >= 1")
+    try:
+        task, model, latest = load_run(args.run_dir)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    generator = torch.Generator().manual_seed(args.seed)
+    texts = sample(model, task.tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
+                   args.temperature, args.top_k, generator)
+    print(f"# {latest}", file=sys.stderr)
+    for text in texts:
+        print(args.prompt + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""One fan-out for everything a user sees: RUN_DIR/metrics.jsonl, the trackers (W&B through
+Accelerate) and the progress bar. Only the main process writes."""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+
+def wandb_mode(requested: str) -> str:
+    """`auto` means online only when credentials exist; otherwise runs stay offline."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux: the process's peak resident memory.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class MetricsLogger:
+    def __init__(self, accelerator, run_dir: Path, total_steps: int, start_step: int,
+                 progress_bar: bool):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if self.main else None
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        disable=not (self.main and progress_bar), file=sys.stderr)
+
+    def log(self, step: int, values: dict[str, Any], extras: dict[str, Any] | None = None) -> None:
+        """`values` are numbers; `extras` (text, images) go to the trackers, and strings also to
+        the jsonl line."""
+        if not self.main:
+            return
+        extras = extras or {}
+        line = {"step": step, **values, **{k: v for k, v in extras.items() if isinstance(v, str)}}
+        self.file.write(json.dumps(line) + "\n")
+        self.file.flush()
+        if self.accelerator.trackers:
+            self.accelerator.log({**values, **_for_trackers(extras, step)}, step=step)
+        shown = {k: v for k, v in values.items() if k in ("loss", "val/loss", "val/bpb", "lr")}
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def write(self, message: str) -> None:
+        if self.main:
+            self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file:
+            self.file.close()
+
+
+def _for_trackers(extras: dict[str, Any], step: int) -> dict[str, Any]:
+    if not extras:
+        return {}
+    import wandb
+
+    out = {}
+    for key, value in extras.items():
+        if isinstance(value, str):
+            out[key] = wandb.Table(columns=["step", key], data=[[step, value]])
+        else:
+            out[key] = value  # already a tracker object (e.g. wandb.Image)
+    return out

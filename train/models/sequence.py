@@ -1,0 +1,142 @@
+"""Sequence models: a fast-transformers causal LM with its recurrent twin, and an LSTM baseline.
+
+Every language model here offers two views of the same weights:
+* `model(input_ids) -> logits` over a whole sequence (training, evaluation);
+* `model.recurrent()` -> a stepper with `step(tokens, position, state) -> (logits, state)`
+  that costs O(1) per token (sampling).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
+from fast_transformers.masking import TriangularCausalMask
+
+import train.models.attention  # noqa: F401  (registers chunked-causal-linear)
+
+
+def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """(..., ) integer positions -> (..., dim) fixed sinusoidal encodings. No parameters, so any
+    position works, and the recurrent twin can encode the true position of each step."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / half)
+    angles = positions.float().unsqueeze(-1) * freqs
+    enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    return nn.functional.pad(enc, (0, dim - 2 * half))
+
+
+class _FP32Attention(nn.Module):
+    """Runs an inner attention in fp32 with autocast off (for the library's fp32-only
+    causal-linear kernel under AMP)."""
+
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
+        with torch.autocast(queries.device.type, enabled=False):
+            out = self.inner(queries.float(), keys.float(), values.float(), attn_mask,
+                             query_lengths, key_lengths)
+        return out.to(values.dtype)
+
+
+class TransformerLM(nn.Module):
+    """Token embedding + sinusoidal positions + fast-transformers encoder (causal mask) + head."""
+
+    FP32_ONLY_ATTENTION = {"causal-linear"}
+
+    def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
+                 d_ff: int = 1024, dropout: float = 0.0,
+                 attention_type: str = "chunked-causal-linear", attention_chunk_size: int = 64):
+        super().__init__()
+        self.hparams = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                            n_heads=n_heads, d_ff=d_ff, dropout=dropout,
+                            attention_type=attention_type,
+                            attention_chunk_size=attention_chunk_size)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.encoder = TransformerEncoderBuilder.from_kwargs(
+            **self._builder_kwargs(), **self._parallel_only_kwargs()).get()
+        self.head = nn.Linear(d_model, vocab_size)
+        if attention_type in self.FP32_ONLY_ATTENTION:
+            for layer in self.encoder.layers:
+                layer.attention.inner_attention = _FP32Attention(layer.attention.inner_attention)
+
+    def _builder_kwargs(self) -> dict:
+        h = self.hparams
+        head_dim = h["d_model"] // h["n_heads"]
+        return dict(n_layers=h["n_layers"], n_heads=h["n_heads"], query_dimensions=head_dim,
+                    value_dimensions=head_dim, feed_forward_dimensions=h["d_ff"],
+                    activation="gelu", dropout=h["dropout"], attention_dropout=h["dropout"],
+                    attention_type=h["attention_type"])
+
+    def _parallel_only_kwargs(self) -> dict:
+        if self.hparams["attention_type"] == "chunked-causal-linear":
+            return {"causal_chunk_size": self.hparams["attention_chunk_size"]}
+        return {}
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        n, length = input_ids.shape
+        positions = torch.arange(length, device=input_ids.device)
+        x = self.embed(input_ids) + sinusoidal_positions(positions, self.embed.embedding_dim)
+        mask = TriangularCausalMask(length, device=input_ids.device)
+        return self.head(self.encoder(x, attn_mask=mask))
+
+    def recurrent(self) -> "RecurrentTransformerLM":
+        """The O(1)-per-token twin, built by RecurrentEncoderBuilder and loaded strictly from
+        this model's weights (on this model's device)."""
+        twin = RecurrentTransformerLM(self)
+        device = self.embed.weight.device
+        return twin.to(device).eval()
+
+
+class RecurrentTransformerLM(nn.Module):
+    def __init__(self, parallel: TransformerLM):
+        super().__init__()
+        h = parallel.hparams
+        self.embed = nn.Embedding(h["vocab_size"], h["d_model"])
+        self.encoder = RecurrentEncoderBuilder.from_kwargs(**parallel._builder_kwargs()).get()
+        self.head = nn.Linear(h["d_model"], h["vocab_size"])
+        # Same parameter names by construction (the fp32 wrapper holds no tensors).
+        self.load_state_dict(parallel.state_dict(), strict=True)
+
+    def step(self, tokens: torch.Tensor, position: int, state=None):
+        """tokens: (N,) at sequence position `position` -> logits (N, V), new state."""
+        pos = torch.full_like(tokens, position)
+        x = self.embed(tokens) + sinusoidal_positions(pos, self.embed.embedding_dim)
+        h, state = self.encoder(x, state=state)
+        return self.head(h), state
+
+
+class LSTMLM(nn.Module):
+    """Embedding + LSTM + linear head: the recurrent baseline, trained by the same task/loop."""
+
+    def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 2,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, d_model)
+        self.lstm = nn.LSTM(d_model, d_model, num_layers=n_layers, batch_first=True,
+                            dropout=dropout if n_layers > 1 else 0.0)
+        self.head = nn.Linear(d_model, vocab_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.lstm(self.embed(input_ids))
+        return self.head(out)
+
+    def recurrent(self) -> "LSTMLM":
+        return self.eval()
+
+    def step(self, tokens: torch.Tensor, position: int, state=None):
+        out, state = self.lstm(self.embed(tokens).unsqueeze(1), state)
+        return self.head(out.squeeze(1)), state
+
+
+def build_sequence_model(cfg, vocab_size: int) -> nn.Module:
+    """`cfg` is a SequenceModelConfig."""
+    if cfg.arch == "lstm":
+        return LSTMLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.dropout)
+    return TransformerLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
+                         cfg.dropout, cfg.attention_type, cfg.attention_chunk_size)
