@@ -43,17 +43,22 @@ class WandbConfig(Section):
     tags: list[str] = []
 
 
-class TextDataConfig(Section):
-    # `builtin:pydoc_topics` (text shipped with Python), a local file or directory
-    # (.txt/.json/.jsonl/.parquet), or a Hugging Face hub dataset name.
-    source: str = "builtin:pydoc_topics"
-    text_column: str = "text"
-    block_size: int = Field(128, ge=2)
-    val_fraction: float = Field(0.05, gt=0, lt=1)
+class LoaderConfig(Section):
+    """Keys the loop's DataLoaders read; every task's `data` section has them."""
+
     batch_size: int = Field(32, ge=1, description="per process, per micro-step")
     eval_batch_size: int = Field(64, ge=1)
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = False
+
+
+class TextDataConfig(LoaderConfig):
+    # `builtin:pydoc_topics` (text shipped with Python), a local file or directory
+    # (.txt/.json/.jsonl/.parquet/.csv), or a Hugging Face hub dataset name.
+    source: str = "builtin:pydoc_topics"
+    text_column: str = "text"
+    block_size: int = Field(128, ge=2)
+    val_fraction: float = Field(0.05, gt=0, lt=1)
 
 
 class SequenceModelConfig(Section):
@@ -115,6 +120,7 @@ class RunConfig(Section):
     progress_bar: bool = True
     optim: OptimConfig = OptimConfig()
     wandb: WandbConfig = WandbConfig()
+    data: LoaderConfig = LoaderConfig()  # each task narrows this to its own data schema
 
 
 class LMConfig(RunConfig):
