@@ -118,6 +118,9 @@ class RunConfig(Section):
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     progress_bar: bool = True
+    # auto: continue from the latest complete checkpoint in output_dir if there is one;
+    # never: always start from scratch; any other value: path of a checkpoint directory.
+    resume: str = "auto"
     optim: OptimConfig = OptimConfig()
     wandb: WandbConfig = WandbConfig()
     data: LoaderConfig = LoaderConfig()  # each task narrows this to its own data schema

@@ -41,4 +41,8 @@ def build_task(config) -> Task:
         from train.tasks.lm import LanguageModelingTask
 
         return LanguageModelingTask(config)
+    if config.task == "classify":
+        from train.tasks.classify import ImageClassificationTask
+
+        return ImageClassificationTask(config)
     raise ValueError(f"unknown task {config.task!r}")
