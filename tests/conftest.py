@@ -64,3 +64,41 @@ def gloo_world():
     yield dist.group.WORLD
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def read_wandb_run(run_dir: Path) -> dict:
+    """Read back what W&B wrote offline under RUN_DIR/wandb: run ids, config and history rows.
+
+    A `run-<id>.wandb` file is a LevelDB-style log (a 7-byte ":W&B" header, then 32 KiB blocks of
+    chunks: crc32 u32, length u16, type u8) of protobuf `Record`s.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out = {"run_ids": [], "config": {}, "history": []}
+    for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")):
+        data, pos, pending, block = path.read_bytes(), 7, b"", 32768
+        assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0:
+                break
+            pending = chunk if kind in (1, 2) else pending + chunk
+            if kind not in (1, 4):  # FIRST/MIDDLE: the record continues in the next chunk
+                continue
+            record = pb.Record()
+            record.ParseFromString(pending)
+            which = record.WhichOneof("record_type")
+            if which == "run":
+                out["run_ids"].append(record.run.run_id)
+            elif which == "config":
+                out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
+            elif which == "history":
+                out["history"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
+                                       for i in record.history.item})
+    return out

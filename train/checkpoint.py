@@ -36,6 +36,25 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_point(resume: str, run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint a run starts from, per the `resume` config key (checked before anything
+    is written)."""
+    from train.config import ConfigError
+
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    if resume == "never":
+        if latest_checkpoint(run_dir) or (Path(run_dir) / "metrics.jsonl").exists():
+            raise ConfigError(f"output_dir={str(run_dir)!r} already holds a run; pass resume=auto "
+                              "to continue it, or choose another output_dir")
+        return None
+    path = Path(resume)
+    if not (path / LOOP_STATE).is_file():
+        raise ConfigError(f"resume={resume!r} is not a complete checkpoint directory (expected "
+                          f"{LOOP_STATE} inside, e.g. RUN_DIR/checkpoints/step_00000100)")
+    return path
+
+
 def _fsync_tree(path: Path) -> None:
     for file in path.rglob("*"):
         if file.is_file():

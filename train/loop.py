@@ -8,6 +8,8 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -102,24 +104,30 @@ def train(config: RunConfig) -> dict[str, float]:
 
     # --- run directory, resume, trackers ---
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "wandb_run_id": None}
-    latest = checkpoint.latest_checkpoint(run_dir)
-    if latest is not None:
-        state = checkpoint.load(accelerator, latest)
+    start_from = checkpoint.resume_point(config.resume, run_dir)
+    if start_from is not None:
+        state = checkpoint.load(accelerator, start_from)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
     if state["wandb_run_id"] is None:  # kept in checkpoints: a resumed run logs to the same id
         state["wandb_run_id"] = uuid.uuid4().hex[:12]
     if mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")  # our own line below says where it went
         wandb_kwargs = dict(dir=str(run_dir), mode=mode, id=state["wandb_run_id"], resume="allow",
                             name=config.wandb.name or run_dir.name, entity=config.wandb.entity,
                             tags=config.wandb.tags)
         accelerator.init_trackers(config.wandb.project, config=to_dict(config),
                                   init_kwargs={"wandb": wandb_kwargs})
+        if accelerator.is_main_process:
+            run = accelerator.get_tracker("wandb", unwrap=True)
+            local = Path(run.dir).parent
+            where = run.url if mode == "online" else f"{local} (upload later: wandb sync {local})"
+            print(f"W&B {mode} run {state['wandb_run_id']}: {where}", file=sys.stderr)
     metrics = MetricsLogger(accelerator, run_dir, config.max_steps, state["step"],
                             config.progress_bar)
-    if latest is not None:
-        metrics.write(f"resumed from {latest} at step {state['step']}")
+    if start_from is not None:
+        metrics.write(f"resumed from {start_from} at step {state['step']}")
     metrics.write(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"{len(train_set):,} train / {len(val_set):,} val samples")

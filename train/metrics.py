@@ -64,7 +64,7 @@ class MetricsLogger:
 
     def write(self, message: str) -> None:
         if self.main:
-            self.bar.write(message)
+            self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         self.bar.close()

@@ -11,6 +11,8 @@ from typing import Iterator
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from train.config import ConfigError
+
 
 class ShardSampler(Sampler[int]):
     """Indices rank, rank + world, ... : disjoint across ranks, complete, no duplicates."""
@@ -46,7 +48,7 @@ def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int
     sampler = ResumableDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
                                  seed=seed, drop_last=True)
     if len(sampler) < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"the training set has {len(dataset)} samples, fewer than one batch per process "
             f"({batch_size} x {num_replicas} processes); lower data.batch_size or add data")
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,

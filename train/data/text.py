@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 
+from train.config import ConfigError
 from train.data.tokenizer import ByteTokenizer
 
 BUILTIN_PREFIX = "builtin:"
@@ -30,7 +31,7 @@ def builtin_text(name: str) -> Path:
     """Text that ships with Python itself, written once to a cache file so `datasets` can load
     (and cache the tokenization of) it like any other local file."""
     if name != "pydoc_topics":
-        raise ValueError(f"unknown builtin text {name!r}; available: builtin:pydoc_topics")
+        raise ConfigError(f"unknown builtin text {name!r}; available: builtin:pydoc_topics")
     from pydoc_data.topics import topics
 
     text = "\n\n".join(topics[key].strip() for key in sorted(topics)) + "\n"
@@ -54,16 +55,16 @@ def load_raw(source: str) -> datasets.Dataset:
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         kinds = {FILE_BUILDERS.get(p.suffix.lower()) for p in files}
         if None in kinds or len(kinds) != 1:
-            raise ValueError(
+            raise ConfigError(
                 f"data.source={source!r}: expected files of one kind among "
                 f"{', '.join(sorted(FILE_BUILDERS))}; found {sorted({p.suffix for p in files})}")
         return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
     if path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"data.source={source!r}: no such file or directory")
+        raise ConfigError(f"data.source={source!r}: no such file or directory")
     try:  # anything else is a Hugging Face hub dataset name
         return datasets.load_dataset(source, split="train")
     except Exception as exc:  # datasets raises many types (not found, offline, gated, ...)
-        raise ValueError(f"data.source={source!r} is neither a local path nor a loadable hub "
+        raise ConfigError(f"data.source={source!r} is neither a local path nor a loadable hub "
                          f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
 
 
@@ -71,7 +72,7 @@ def lm_blocks(raw: datasets.Dataset, text_column: str, block_size: int,
               tokenizer: ByteTokenizer) -> datasets.Dataset:
     """Tokenize rows and pack the token stream into (input_ids, labels) blocks."""
     if text_column not in raw.column_names:
-        raise ValueError(f"data.text_column={text_column!r} is not a column of the dataset; "
+        raise ConfigError(f"data.text_column={text_column!r} is not a column of the dataset; "
                          f"columns: {', '.join(raw.column_names)}")
     newline = tokenizer.encode("\n")
 
@@ -103,7 +104,7 @@ def lm_datasets(source: str, text_column: str, block_size: int, val_fraction: fl
                 tokenizer: ByteTokenizer) -> tuple[datasets.Dataset, datasets.Dataset]:
     raw = load_raw(source)
     if len(raw) < 2:
-        raise ValueError(f"data.source={source!r} holds {len(raw)} rows; need at least 2")
+        raise ConfigError(f"data.source={source!r} holds {len(raw)} rows; need at least 2")
     n_val = max(1, int(len(raw) * val_fraction))
     train_raw = raw.select(range(len(raw) - n_val))
     val_raw = raw.select(range(len(raw) - n_val, len(raw)))

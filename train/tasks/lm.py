@@ -45,7 +45,7 @@ class LanguageModelingTask:
     def eval_metrics(self, sums):
         loss = sums["nll"] / max(sums["tokens"], 1)
         # One token is one byte, so nats/token / ln 2 = bits per byte.
-        return {"val/loss": loss, "val/bpb": loss / math.log(2)}
+        return {"val/loss": loss, "val/bpb": loss / math.log(2), "val/tokens": sums["tokens"]}
 
     def eval_extras(self, model, step):
         lm = self.config.lm

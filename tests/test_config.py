@@ -1,0 +1,91 @@
+"""The config contract: typed keys, dotted overrides, one clear line + exit 2 on bad input."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import ConfigError, LMConfig, load, parse_overrides
+from conftest import ROOT, run_module
+
+LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
+
+
+def test_embedded_defaults_validate():
+    config = load(LM_TINY)
+    assert isinstance(config, LMConfig)
+    assert config.output_dir and config.max_steps >= 1 and isinstance(config.seed, int)
+    assert config.model.attention_type == "chunked-causal-linear"
+
+
+def test_overrides_are_typed_and_nested():
+    config = load(LM_TINY, ["max_steps=7", "optim.lr=3e-4", "data.pin_memory=true",
+                            "wandb.tags=[a, b]", "seed=5"])
+    assert config.max_steps == 7 and config.seed == 5
+    assert config.optim.lr == pytest.approx(3e-4)
+    assert config.data.pin_memory is True
+    assert config.wandb.tags == ["a", "b"]
+
+
+def test_parse_overrides_builds_a_tree():
+    assert parse_overrides(["a.b.c=1", "a.d=x", "e="]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": ""}
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["max_steps=0"], "max_steps=0"),
+    (["max_step=10"], "unknown key 'max_step' (did you mean max_steps"),
+    (["data.blocksize=3"], "data.blocksize"),
+    (["optim.lr=fast"], "optim.lr='fast'"),
+    (["mixed_precision=fp8"], "mixed_precision='fp8'"),
+    (["model.attention_type=softmaxx"], "unknown attention type 'softmaxx'"),
+    (["model.n_heads=3"], "must divide d_model"),
+    (["data.val_fraction=1.5"], "data.val_fraction=1.5"),
+    (["noequals"], "expected dotted.key=value"),
+])
+def test_bad_values_name_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load(LM_TINY, overrides)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: lm\n  output_dir: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load(bad)
+    no_task = tmp_path / "no_task.yaml"
+    no_task.write_text("output_dir: x\nmax_steps: 1\n")
+    with pytest.raises(ConfigError, match="missing required key 'task'"):
+        load(no_task)
+
+
+def test_cli_rejects_bad_config_before_writing_anything(tmp_path):
+    out = tmp_path / "run"
+    proc = run_module("train", LM_TINY, f"output_dir={out}", "max_steps=-3", check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["error: max_steps=-3: Input should be greater than or equal to 1"]
+    assert not out.exists()
+
+
+def test_cli_rejects_missing_data_before_writing_anything(tmp_path):
+    out = tmp_path / "run"
+    proc = run_module("train", LM_TINY, f"output_dir={out}", f"data.source={tmp_path}/none.txt",
+                      check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "data.source=" in proc.stderr and "no such file" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
+def test_saved_config_round_trips(tmp_path):
+    from train.config import save
+
+    config = load(LM_TINY, ["max_steps=3", f"output_dir={tmp_path}"])
+    save(config, tmp_path / "config.yaml")
+    again = load(tmp_path / "config.yaml")
+    assert again == config
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == config.optim.lr

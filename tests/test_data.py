@@ -1,0 +1,93 @@
+"""Data: packing into LM blocks, training shards (disjoint, complete, reshuffled per epoch),
+evaluation shards (each sample exactly once), and resuming part-way into an epoch."""
+
+import torch
+from torch.utils.data import TensorDataset
+
+from train.data.loaders import ShardSampler, batches_forever, eval_loader, train_loader
+from train.data.text import IGNORE_INDEX, lm_blocks, lm_datasets
+from train.data.tokenizer import ByteTokenizer
+
+
+def _write_text(path, lines):
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_byte_tokenizer_round_trips_unicode():
+    tok = ByteTokenizer()
+    text = "naïve café — ∑"
+    assert tok.decode(tok.encode(text)) == text
+    assert max(tok.encode(text)) < tok.vocab_size
+
+
+def test_blocks_are_shifted_next_byte_targets(tmp_path):
+    import datasets
+
+    raw = datasets.Dataset.from_dict({"text": ["abcdefghij", "klmnop"]})
+    blocks = lm_blocks(raw, "text", block_size=4, tokenizer=ByteTokenizer())
+    stream = list(b"abcdefghij\nklmnop\n")
+    first = blocks[0]
+    assert first["input_ids"].tolist() == stream[0:4]
+    assert first["labels"].tolist() == stream[1:5]
+    # Every byte after the first is a target exactly once; the short tail is padded + ignored.
+    targets = [t for b in blocks for t in b["labels"].tolist() if t != IGNORE_INDEX]
+    assert targets == stream[1:]
+    assert blocks[len(blocks) - 1]["labels"].tolist()[-1] == IGNORE_INDEX
+
+
+def test_validation_is_the_held_out_tail(tmp_path):
+    src = _write_text(tmp_path / "t.txt", [f"line {i:03d} " + "x" * 20 for i in range(200)])
+    train, val = lm_datasets(str(src), "text", 16, 0.1, ByteTokenizer())
+    decode = ByteTokenizer().decode
+    val_text = "".join(decode(b["input_ids"].tolist()) for b in val)
+    train_text = "".join(decode(b["input_ids"].tolist()) for b in train)
+    assert "line 199" in val_text and "line 199" not in train_text
+    assert "line 000" in train_text and "line 000" not in val_text
+
+
+def test_local_jsonl_source_with_text_column(tmp_path):
+    import json
+
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"body": f"row {i}"}) + "\n" for i in range(40)))
+    train, val = lm_datasets(str(src), "body", 8, 0.25, ByteTokenizer())
+    assert len(train) > 0 and len(val) > 0
+
+
+def _indices(loader):
+    return [int(i) for (batch,) in loader for i in batch]
+
+
+def test_training_shards_are_disjoint_complete_and_reshuffled():
+    data = TensorDataset(torch.arange(103))
+    shards = [train_loader(data, 5, num_replicas=2, rank=r, seed=7) for r in range(2)]
+    seen = []
+    for loader in shards:
+        loader.sampler.set_epoch(0)
+        seen.append(_indices(loader))
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == 50  # drop_last: equal work on every rank
+    assert len(set(seen[0]) | set(seen[1])) == 100
+    shards[0].sampler.set_epoch(1)
+    assert _indices(shards[0]) != seen[0]
+
+
+def test_eval_shards_count_every_sample_once_with_odd_sizes():
+    data = TensorDataset(torch.arange(101))
+    parts = [_indices(eval_loader(data, 8, num_replicas=2, rank=r)) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(101))
+    assert len(ShardSampler(101, 2, 0)) == 51 and len(ShardSampler(101, 2, 1)) == 50
+
+
+def test_resuming_mid_epoch_continues_the_same_order():
+    data = TensorDataset(torch.arange(60))
+    straight = batches_forever(train_loader(data, 4, 1, 0, seed=3))
+    expected = [next(straight) for _ in range(25)]  # crosses into epoch 1
+    epoch, index, _ = expected[9]
+    resumed = batches_forever(train_loader(data, 4, 1, 0, seed=3), start_epoch=epoch,
+                              skip_batches=index + 1)
+    for want in expected[10:]:
+        got = next(resumed)
+        assert got[:2] == want[:2]
+        assert torch.equal(got[2][0], want[2][0])

@@ -1,0 +1,140 @@
+"""End to end through the real CLIs: `python -m train`, `python -m train.generate`, and a
+2-rank `torchrun` run on CPU (gloo)."""
+
+import math
+
+import pytest
+import torch
+import yaml
+from accelerate import Accelerator
+
+from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun
+from train.config import load
+from train.data.text import lm_datasets
+from train.data.tokenizer import ByteTokenizer
+
+LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
+# A model small enough that a handful of steps takes seconds on 2 cores.
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
+        "data.block_size=32", "data.batch_size=8", "optim.warmup_steps=2", "lm.sample_tokens=16"]
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lm") / "run"
+    proc = run_module("train", LM_TINY, f"output_dir={out}", "max_steps=6", "log_every=2",
+                      "eval_every=3", "checkpoint_every=3", "wandb.mode=offline", *TINY)
+    return out, proc
+
+
+def test_run_directory_holds_resolved_config_metrics_and_checkpoints(lm_run):
+    out, _ = lm_run
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["max_steps"] == 6 and saved["model"]["d_model"] == 32
+    assert saved["data"]["num_workers"] == 0  # defaults are written out, not left implicit
+    rows = read_jsonl(out / "metrics.jsonl")
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    for r in train_rows:
+        assert math.isfinite(r["loss"]) and r["lr"] > 0 and r["grad_norm"] > 0
+        assert r["tokens_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1 and r["peak_mem_mb"] > 0
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    evals = [r for r in rows if "val/bpb" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert evals[-1]["val/bpb"] == pytest.approx(evals[-1]["val/loss"] / math.log(2))
+    assert isinstance(evals[-1]["sample"], str)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006"]
+
+
+def test_eval_counts_every_validation_token_once(lm_run):
+    out, _ = lm_run
+    config = load(out / "config.yaml")
+    _, val = lm_datasets(config.data.source, "text", config.data.block_size,
+                         config.data.val_fraction, ByteTokenizer())
+    expected = int((val[:]["labels"] != -100).sum())
+    assert read_jsonl(out / "metrics.jsonl")[-1]["val/tokens"] == expected
+
+
+def test_wandb_offline_run_holds_config_and_history(lm_run):
+    out, _ = lm_run
+    wandb_run = read_wandb_run(out)
+    assert len(wandb_run["run_ids"]) == 1
+    assert wandb_run["config"]["max_steps"] == 6
+    assert wandb_run["config"]["model"]["d_model"] == 32
+    logged = {row["_step"]: row for row in wandb_run["history"]}
+    jsonl = {r["step"]: r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r}
+    for step, row in jsonl.items():
+        assert logged[step]["loss"] == pytest.approx(row["loss"])
+    assert any("val/bpb" in row for row in wandb_run["history"])
+
+
+def test_generate_prints_a_continuation(lm_run):
+    out, _ = lm_run
+    proc = run_module("train.generate", out, "--prompt", "The ", "--max-new-tokens", "20",
+                      "--top-k", "5", "--seed", "3")
+    assert proc.stdout.startswith("The ")
+    again = run_module("train.generate", out, "--prompt", "The ", "--max-new-tokens", "20",
+                       "--top-k", "5", "--seed", "3")
+    assert again.stdout == proc.stdout
+
+
+def test_generate_rejects_a_directory_that_is_not_a_run(tmp_path):
+    proc = run_module("train.generate", tmp_path, "--prompt", "x", check=False)
+    assert proc.returncode == 2 and "not a run directory" in proc.stderr
+
+
+def test_restarted_run_resumes_from_its_latest_checkpoint(lm_run, tmp_path):
+    out, _ = lm_run
+    proc = run_module("train", out / "config.yaml", "max_steps=8", "log_every=2",
+                      "eval_every=100", "checkpoint_every=100")
+    assert "resumed from" in proc.stderr and "step_00000006" in proc.stderr
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert steps == [2, 4, 6, 8]
+    assert set(read_wandb_run(out)["run_ids"]) and len(set(read_wandb_run(out)["run_ids"])) == 1
+
+
+def test_lstm_trains_through_the_same_loop(tmp_path):
+    out = tmp_path / "lstm"
+    run_module("train", LM_TINY, f"output_dir={out}", "max_steps=4", "log_every=2",
+               "eval_every=4", "wandb.mode=disabled", "model.arch=lstm", *TINY)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert rows[-1]["step"] == 4 and math.isfinite(rows[-1]["val/loss"])
+    assert not (out / "wandb").exists()
+
+
+def test_two_rank_torchrun_shards_data_and_logs_once(tmp_path):
+    src = tmp_path / "text.txt"
+    src.write_text("".join(f"{i} bottles of beer on the wall\n" for i in range(420)))
+    out = tmp_path / "ddp"
+    proc = run_torchrun(2, "train", LM_TINY, f"output_dir={out}", f"data.source={src}",
+                        "max_steps=4", "log_every=2", "eval_every=4", "wandb.mode=offline",
+                        "device=cpu", *TINY)
+    assert "2 process(es) on cpu" in proc.stderr
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]  # one writer, not one per rank
+    # Each optimizer step consumed batch_size samples on each of the 2 ranks.
+    first = next(r for r in rows if "loss" in r)
+    assert first["tokens_per_s"] == pytest.approx(first["samples_per_s"] * 32, rel=1e-6)
+    _, val = lm_datasets(str(src), "text", 32, 0.05, ByteTokenizer())
+    assert len(val) % 2 == 1, "the validation set should be odd-sized for this check"
+    assert rows[-1]["val/tokens"] == int((val[:]["labels"] != -100).sum())
+    assert len(read_wandb_run(out)["run_ids"]) == 1
+
+
+def test_single_process_harness_runs_on_gloo(gloo_world, monkeypatch):
+    """The in-process harness: Accelerate on an initialized world-size-1 gloo group."""
+    import torch.distributed as dist
+
+    from train.loop import evaluate
+    from train.tasks.lm import LanguageModelingTask
+
+    assert dist.get_backend() == "gloo" and dist.get_world_size() == 1
+    config = load(LM_TINY, ["output_dir=unused", *TINY])
+    task = LanguageModelingTask(config)
+    model = task.model()
+    accelerator = Accelerator(cpu=True)
+    batch = {"input_ids": torch.randint(0, 256, (3, 32)), "labels": torch.randint(0, 256, (3, 32))}
+    batch["labels"][0, :5] = -100
+    results = evaluate(accelerator, task, model, [batch, batch], None)
+    assert results["val/tokens"] == 2 * (3 * 32 - 5)
