@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from train.config import ConfigError, load
+from train.signals import EXIT_STOPPED_BY_SIGNAL
 
 EXIT_BAD_INPUT = 2
 
@@ -21,12 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load(args.config, args.overrides)
-        from train.loop import train  # heavy imports only once the config is known to be good
+        from train.loop import StoppedBySignal, train  # heavy imports once the config is good
 
         train(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except StoppedBySignal as exc:
+        print(f"{exc}; a checkpoint was saved, run the same command to resume", file=sys.stderr)
+        return EXIT_STOPPED_BY_SIGNAL
     return 0
 
 

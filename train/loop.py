@@ -22,6 +22,7 @@ from train import checkpoint
 from train.config import ConfigError, RunConfig, save as save_config, to_dict
 from train.data.loaders import batches_forever, eval_loader, train_loader
 from train.metrics import MetricsLogger, peak_memory_mb, wandb_mode
+from train.signals import StopFlag
 from train.tasks import build_task
 
 
@@ -63,6 +64,10 @@ def evaluate(accelerator, task, model, loader, max_batches: int | None) -> dict[
     total = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
     model.train()
     return task.eval_metrics({k: v.item() for k, v in zip(keys, total)})
+
+
+class StoppedBySignal(Exception):
+    """SIGTERM/SIGUSR1 arrived: a checkpoint was saved and the run stopped early."""
 
 
 def train(config: RunConfig) -> dict[str, float]:
@@ -140,6 +145,7 @@ def train(config: RunConfig) -> dict[str, float]:
     loss_sum, norm_sum, counters = zero.clone(), zero.clone(), {}
     data_wait, skipped, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
     last: dict[str, float] = {}
+    stop, stopped = StopFlag().install(), False
     model.train()
     for step in range(state["step"] + 1, config.max_steps + 1):
         for _ in range(accum):
@@ -182,6 +188,7 @@ def train(config: RunConfig) -> dict[str, float]:
             loss_sum, norm_sum, counters = zero.clone(), zero.clone(), {}
             data_wait, window_start, window_steps = 0.0, time.perf_counter(), 0
 
+        paused_at = time.perf_counter()  # eval and checkpoint time is not training throughput
         if step % config.eval_every == 0 or step == config.max_steps:
             results = evaluate(accelerator, task, accelerator.unwrap_model(model), val_dl,
                                config.eval_max_batches)
@@ -191,12 +198,18 @@ def train(config: RunConfig) -> dict[str, float]:
                 model.train()
             metrics.log(step, results, extras)
             last.update(results)
-            window_start = time.perf_counter()  # eval time is not training throughput
 
-        if step % config.checkpoint_every == 0 or step == config.max_steps:
+        stopped = stop.should_stop() and step < config.max_steps
+        if step % config.checkpoint_every == 0 or step == config.max_steps or stopped:
             checkpoint.save(accelerator, run_dir, state, config.keep_checkpoints)
-            window_start = time.perf_counter()
+        if stopped:
+            metrics.write(f"stop signal received: saved step {step}; run again to resume")
+            break
+        window_start += time.perf_counter() - paused_at
 
+    stop.restore()
     metrics.close()
     accelerator.end_training()
+    if stopped:
+        raise StoppedBySignal(f"stopped at step {state['step']} of {config.max_steps}")
     return last

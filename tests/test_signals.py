@@ -1,0 +1,85 @@
+"""SIGUSR1/SIGTERM: every rank stops at the same step boundary, one checkpoint is saved, the run
+exits with the documented code, and running it again finishes with no step lost or repeated."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, cli_env, free_port, read_jsonl, run_module
+from train.signals import EXIT_STOPPED_BY_SIGNAL
+
+LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
+ARGS = ["max_steps=60", "log_every=1", "eval_every=1000", "checkpoint_every=1000",
+        "wandb.mode=disabled", "progress_bar=false", "device=cpu", "model.d_model=32",
+        "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "data.block_size=32",
+        "data.batch_size=8"]
+
+
+def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        path = out / "metrics.jsonl"
+        if path.exists() and any(r.get("step", 0) >= step for r in read_jsonl(path)):
+            return
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"run never reached step {step}")
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _train_steps(out: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+
+
+def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "train", str(LM_TINY), f"output_dir={out}", *ARGS]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out, proc, 3)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_STOPPED_BY_SIGNAL, err
+    stopped_at = _train_steps(out)[-1]
+    assert stopped_at < 60
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{stopped_at:08d}"]
+
+    run_module("train", LM_TINY, f"output_dir={out}", *ARGS)
+    assert _train_steps(out) == list(range(1, 61))
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
+    out = tmp_path / "ddp"
+
+    def torchrun():
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                "-m", "train", str(LM_TINY), f"output_dir={out}", *ARGS]
+
+    proc = subprocess.Popen(torchrun(), cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_step(out, proc, 3)
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[1], signal.SIGUSR1)  # rank 1 only: the all-reduce must stop rank 0 too
+    _, err = proc.communicate(timeout=120)
+    stops = [line for line in err.splitlines() if "a checkpoint was saved" in line]
+    assert len(stops) == 2 and len(set(stops)) == 1, err  # both ranks, same step
+    stopped_at = _train_steps(out)[-1]
+    assert f"stopped at step {stopped_at} of 60" in stops[0]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{stopped_at:08d}"]
+
+    proc = subprocess.run(torchrun(), cwd=ROOT, env=cli_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _train_steps(out) == list(range(1, 61))
