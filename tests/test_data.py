@@ -84,10 +84,29 @@ def test_resuming_mid_epoch_continues_the_same_order():
     data = TensorDataset(torch.arange(60))
     straight = batches_forever(train_loader(data, 4, 1, 0, seed=3))
     expected = [next(straight) for _ in range(25)]  # crosses into epoch 1
-    epoch, index, _ = expected[9]
+    epoch, consumed, _ = expected[9]
+    assert (epoch, consumed) == (0, 40)
     resumed = batches_forever(train_loader(data, 4, 1, 0, seed=3), start_epoch=epoch,
-                              skip_batches=index + 1)
+                              skip_samples=consumed)
     for want in expected[10:]:
         got = next(resumed)
         assert got[:2] == want[:2]
         assert torch.equal(got[2][0], want[2][0])
+
+
+def test_resuming_on_a_different_world_size_repeats_and_loses_nothing():
+    """Two ranks consume 3 batches each, then the epoch finishes on three ranks: together they
+    see every sample of the epoch once (up to the tail that keeps shares equal)."""
+    data = TensorDataset(torch.arange(100))
+    first = [batches_forever(train_loader(data, 5, 2, r, seed=11)) for r in range(2)]
+    seen = [int(i) for it in first for _ in range(3) for i in next(it)[2][0]]
+    consumed = 3 * 5 * 2
+    rest = []
+    for r in range(3):
+        loader = train_loader(data, 5, 3, r, seed=11)
+        for epoch, _, (batch,) in batches_forever(loader, 0, consumed):
+            if epoch > 0:
+                break
+            rest += batch.tolist()
+    assert not set(seen) & set(rest) and len(seen + rest) == len(set(seen + rest))
+    assert len(seen) + len(rest) >= 100 - 3 * 5  # at most the last partial round is dropped

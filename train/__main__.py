@@ -9,6 +9,7 @@ from train.config import ConfigError, load
 from train.signals import EXIT_STOPPED_BY_SIGNAL
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load(args.config, args.overrides)
-        from train.loop import StoppedBySignal, train  # heavy imports once the config is good
+        from train.loop import Diverged, StoppedBySignal, train  # heavy imports after validation
 
         train(config)
     except ConfigError as exc:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except StoppedBySignal as exc:
         print(f"{exc}; a checkpoint was saved, run the same command to resume", file=sys.stderr)
         return EXIT_STOPPED_BY_SIGNAL
+    except Diverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
     return 0
 
 

@@ -1,20 +1,38 @@
 """Checkpoints under RUN_DIR/checkpoints/step_NNNNNNNN/.
 
-A checkpoint is Accelerate's `save_state` (model, optimizer, scheduler, grad scaler, every rank's
-RNG states) plus `loop_state.json` (step, data position, W&B run id). It is written to a hidden
-temporary directory and renamed into place only when complete, so a crash mid-save never leaves
-a half-written checkpoint under a real name.
+A checkpoint is Accelerate's `save_state` (model and optimizer as safetensors/tensors, grad
+scaler, every rank's RNG states) plus `loop_state.json`: step, data position, scheduler state,
+W&B run id, the resolved config, and a manifest (size + sha256 of every file).
+
+Saving is atomic: everything goes to a hidden temporary directory, is fsynced, then renamed into
+place; `loop_state.json` is written last, so a directory without it is never a checkpoint. A kill
+at any moment leaves the previous complete checkpoint loadable. On load the manifest is checked;
+a truncated or corrupt checkpoint is reported and the previous one is used instead. Nothing is
+unpickled with `weights_only=False`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 LOOP_STATE = "loop_state.json"
 PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+# Keys that may differ between a checkpoint's config and the resuming run's config: they change
+# how long the run goes and how it reports, not what it computes.
+CHANGEABLE_KEYS = {"output_dir", "max_steps", "log_every", "eval_every", "eval_max_batches",
+                   "checkpoint_every", "keep_checkpoints", "progress_bar", "resume",
+                   "allow_config_change", "device", "wandb", "data.num_workers",
+                   "data.pin_memory", "data.eval_batch_size"}
+
+
+class CorruptCheckpoint(Exception):
+    pass
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -22,7 +40,7 @@ def checkpoint_root(run_dir: str | os.PathLike) -> Path:
 
 
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Checkpoints whose save finished, oldest first (not yet verified)."""
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
@@ -36,59 +54,140 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
-def resume_point(resume: str, run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint a run starts from, per the `resume` config key (checked before anything
-    is written)."""
-    from train.config import ConfigError
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    if resume == "never":
-        if latest_checkpoint(run_dir) or (Path(run_dir) / "metrics.jsonl").exists():
-            raise ConfigError(f"output_dir={str(run_dir)!r} already holds a run; pass resume=auto "
-                              "to continue it, or choose another output_dir")
-        return None
-    path = Path(resume)
-    if not (path / LOOP_STATE).is_file():
-        raise ConfigError(f"resume={resume!r} is not a complete checkpoint directory (expected "
-                          f"{LOOP_STATE} inside, e.g. RUN_DIR/checkpoints/step_00000100)")
-    return path
+
+def _manifest(directory: Path) -> dict[str, dict]:
+    return {str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOOP_STATE}
+
+
+def verify(checkpoint: Path) -> dict:
+    """The checkpoint's loop state, after checking every file against its manifest."""
+    try:
+        state = json.loads((checkpoint / LOOP_STATE).read_text())
+    except (OSError, ValueError) as exc:
+        raise CorruptCheckpoint(f"{checkpoint}: unreadable {LOOP_STATE} ({exc})") from None
+    for name, want in state.get("manifest", {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{checkpoint}: missing {name}")
+        if path.stat().st_size != want["size"]:
+            raise CorruptCheckpoint(f"{checkpoint}: {name} is {path.stat().st_size} bytes, "
+                                    f"expected {want['size']} (truncated?)")
+        if _sha256(path) != want["sha256"]:
+            raise CorruptCheckpoint(f"{checkpoint}: {name} does not match its checksum")
+    return state
 
 
 def _fsync_tree(path: Path) -> None:
-    for file in path.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
+    for item in [*path.rglob("*"), path]:
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def save(accelerator, run_dir: str | os.PathLike, loop_state: dict, keep: int) -> Path:
     """Collective: every rank calls it (each saves its own RNG state)."""
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{loop_state['step']:08d}"
-    tmp = root / f".tmp-{final.name}"
+    tmp = root / f"{TMP_PREFIX}{final.name}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        # loop_state.json is written last: its presence marks the checkpoint complete.
-        (tmp / LOOP_STATE).write_text(json.dumps(loop_state, indent=1))
+        state = {**loop_state, "manifest": _manifest(tmp)}
+        (tmp / LOOP_STATE).write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync_tree(root)
         for old in complete_checkpoints(run_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def load(accelerator, checkpoint: Path) -> dict:
-    """Restore everything `save` wrote into the prepared objects; return the loop state."""
-    accelerator.load_state(str(checkpoint))
-    return json.loads((checkpoint / LOOP_STATE).read_text())
+def resume_point(resume: str, run_dir: str | os.PathLike) -> list[Path]:
+    """Candidate checkpoints to start from, best first, per the `resume` config key. Checked
+    before anything is written."""
+    from train.config import ConfigError
+
+    if resume == "auto":
+        return complete_checkpoints(run_dir)[::-1]
+    if resume == "never":
+        if latest_checkpoint(run_dir) or (Path(run_dir) / "metrics.jsonl").exists():
+            raise ConfigError(f"output_dir={str(run_dir)!r} already holds a run; pass resume=auto "
+                              "to continue it, or choose another output_dir")
+        return []
+    path = Path(resume)
+    if not (path / LOOP_STATE).is_file():
+        raise ConfigError(f"resume={resume!r} is not a complete checkpoint directory (expected "
+                          f"{LOOP_STATE} inside, e.g. RUN_DIR/checkpoints/step_00000100)")
+    return [path]
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, ignoring CHANGEABLE_KEYS."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        dotted = f"{prefix}{key}"
+        if dotted in CHANGEABLE_KEYS:
+            continue
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, dotted + ".")
+        elif a != b:
+            diffs.append(f"{dotted}: {a!r} -> {b!r}")
+    return diffs
+
+
+def load(accelerator, candidates: list[Path], config: dict, allow_config_change: bool
+         ) -> tuple[Path, dict] | None:
+    """Restore the first candidate that verifies into the prepared objects (warning about the
+    ones skipped) and return (checkpoint, loop state); None when there is no candidate."""
+    from train.config import ConfigError
+
+    problems = []
+    for checkpoint in candidates:
+        try:
+            state = verify(checkpoint)
+        except CorruptCheckpoint as exc:
+            problems.append(str(exc))
+            print(f"warning: skipping corrupt checkpoint: {exc}", file=sys.stderr)
+            continue
+        diffs = config_differences(state["config"], config)
+        if diffs and not allow_config_change:
+            raise ConfigError(f"the config differs from the one {checkpoint} was trained with ("
+                              + "; ".join(diffs) + "); pass allow_config_change=true to resume "
+                              "anyway, or choose another output_dir")
+        accelerator.load_state(str(checkpoint))
+        return checkpoint, state
+    if problems:
+        raise ConfigError("no usable checkpoint to resume from: " + "; ".join(problems))
+    return None
+
+
+def latest_verified(run_dir: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that passes `verify` (warning about newer corrupt ones)."""
+    for checkpoint in complete_checkpoints(run_dir)[::-1]:
+        try:
+            verify(checkpoint)
+            return checkpoint
+        except CorruptCheckpoint as exc:
+            print(f"warning: skipping corrupt checkpoint: {exc}", file=sys.stderr)
+    return None
 
 
 def load_model_weights(checkpoint: Path) -> dict:

@@ -121,6 +121,11 @@ class RunConfig(Section):
     # auto: continue from the latest complete checkpoint in output_dir if there is one;
     # never: always start from scratch; any other value: path of a checkpoint directory.
     resume: str = "auto"
+    # Resuming with a changed config is refused (listing the keys) unless this is true. Keys that
+    # only shape the run's length and reporting (max_steps, *_every, ...) may always change.
+    allow_config_change: bool = False
+    # A step whose loss or gradient norm is not finite is skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = Field(10, ge=1)
     optim: OptimConfig = OptimConfig()
     wandb: WandbConfig = WandbConfig()
     data: LoaderConfig = LoaderConfig()  # each task narrows this to its own data schema

@@ -59,9 +59,9 @@ def load_run(run_dir: Path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); "
                           "pass the output_dir of a training run")
     config = load(run_dir / "config.yaml")
-    latest = checkpoint.latest_checkpoint(run_dir)
+    latest = checkpoint.latest_verified(run_dir)
     if latest is None:
-        raise ConfigError(f"{run_dir} has no complete checkpoint yet under checkpoints/")
+        raise ConfigError(f"{run_dir} has no complete, intact checkpoint under checkpoints/")
     task = build_task(config)
     if not hasattr(task, "tokenizer"):
         raise ConfigError(f"{run_dir} trained a {config.task!r} model; generation needs a "

@@ -70,18 +70,25 @@ class StoppedBySignal(Exception):
     """SIGTERM/SIGUSR1 arrived: a checkpoint was saved and the run stopped early."""
 
 
+class Diverged(Exception):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
 def train(config: RunConfig) -> dict[str, float]:
     """Run (or resume) the training described by a validated config; return the last metrics."""
     run_dir = Path(config.output_dir)
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device='cuda' but no CUDA device is visible; use device=auto or cpu")
     mode = wandb_mode(config.wandb.mode)
-    accelerator = Accelerator(
-        cpu=config.device == "cpu",
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=None if mode == "disabled" else "wandb",
-    )
+    try:
+        accelerator = Accelerator(
+            cpu=config.device == "cpu",
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=None if mode == "disabled" else "wandb",
+        )
+    except ValueError as exc:  # e.g. fp16 requested where the device cannot do it
+        raise ConfigError(f"mixed_precision={config.mixed_precision!r}: {exc}") from None
     set_seed(config.seed)  # same seed on every rank: identical initial weights
 
     # --- task: data and model (nothing has been written yet; bad data input exits cleanly) ---
@@ -91,11 +98,9 @@ def train(config: RunConfig) -> dict[str, float]:
     model = task.model()
     optimizer = optimizer_for(model, config.optim)
     schedule = warmup_cosine(config.optim.warmup_steps, config.max_steps, config.optim.min_lr_ratio)
+    # Not prepared: Accelerate would step it once per process. Its state travels in loop_state.
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    # The scheduler is not prepared (Accelerate would step it once per process); it is
-    # registered so that save_state/load_state carry it.
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     data = config.data
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -107,16 +112,18 @@ def train(config: RunConfig) -> dict[str, float]:
     val_dl = eval_loader(val_set, data.eval_batch_size, world, rank, data.num_workers,
                          data.pin_memory, task.collate_fn)
 
-    # --- run directory, resume, trackers ---
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "wandb_run_id": None}
-    start_from = checkpoint.resume_point(config.resume, run_dir)
-    if start_from is not None:
-        state = checkpoint.load(accelerator, start_from)
+    # --- resume, run directory, trackers ---
+    state = {"step": 0, "epoch": 0, "samples_in_epoch": 0, "world_size": world,
+             "wandb_run_id": uuid.uuid4().hex[:12], "nonfinite_steps": 0}
+    resumed = checkpoint.load(accelerator, checkpoint.resume_point(config.resume, run_dir),
+                              to_dict(config), config.allow_config_change)
+    if resumed is not None:
+        start_from, saved = resumed
+        scheduler.load_state_dict(saved.pop("scheduler"))
+        state.update({k: saved[k] for k in state})  # the saved W&B id: the same run continues
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
-    if state["wandb_run_id"] is None:  # kept in checkpoints: a resumed run logs to the same id
-        state["wandb_run_id"] = uuid.uuid4().hex[:12]
     if mode != "disabled":
         os.environ.setdefault("WANDB_SILENT", "true")  # our own line below says where it went
         wandb_kwargs = dict(dir=str(run_dir), mode=mode, id=state["wandb_run_id"], resume="allow",
@@ -131,50 +138,74 @@ def train(config: RunConfig) -> dict[str, float]:
             print(f"W&B {mode} run {state['wandb_run_id']}: {where}", file=sys.stderr)
     metrics = MetricsLogger(accelerator, run_dir, config.max_steps, state["step"],
                             config.progress_bar)
-    if start_from is not None:
+    if resumed is not None:
         metrics.write(f"resumed from {start_from} at step {state['step']}")
-    metrics.write(f"{accelerator.num_processes} process(es) on {accelerator.device}, "
+        if state["world_size"] != world:
+            metrics.write(f"data order re-sharded from {state['world_size']} to {world} "
+                          "processes (it follows the global sample index, so none is repeated)")
+    state["world_size"] = world
+    metrics.write(f"{world} process(es) on {accelerator.device}, "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters, "
                   f"{len(train_set):,} train / {len(val_set):,} val samples")
 
     # --- the loop ---
-    batches = batches_forever(train_dl, state["epoch"], state["batch_in_epoch"])
+    batches = batches_forever(train_dl, state["epoch"], state["samples_in_epoch"])
     accum = config.gradient_accumulation_steps
     clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
     zero = torch.zeros((), device=accelerator.device)
     loss_sum, norm_sum, counters = zero.clone(), zero.clone(), {}
-    data_wait, skipped, window_start, window_steps = 0.0, 0, time.perf_counter(), 0
+    data_wait, window_start, window_steps, good_steps = 0.0, time.perf_counter(), 0, 0
+    fp16_skipped, bad_in_a_row = 0, 0
     last: dict[str, float] = {}
     stop, stopped = StopFlag().install(), False
     model.train()
     for step in range(state["step"] + 1, config.max_steps + 1):
+        step_loss = zero.clone()
         for _ in range(accum):
             t0 = time.perf_counter()
-            epoch, batch_index, batch = next(batches)
+            epoch, consumed, batch = next(batches)
             batch = send_to_device(batch, accelerator.device, non_blocking=True)
             data_wait += time.perf_counter() - t0
             with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
                 loss, batch_counters = task.loss(model, batch)
                 accelerator.backward(loss)  # divides by the accumulation steps
-            loss_sum += loss.detach()
+            step_loss += loss.detach()
             for key, value in batch_counters.items():
                 counters[key] = counters.get(key, 0) + value
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)  # unscales first
-        optimizer.step()
-        if accelerator.optimizer_step_was_skipped:  # fp16 overflow: scaler lowered its scale
-            skipped += 1
+        # The loop's one per-step host sync: a non-finite step must not reach the weights.
+        finite_loss, finite_norm = torch.stack([step_loss, grad_norm]).isfinite().tolist()
+        if accelerator.scaler is not None:
+            optimizer.step()  # fp16: the grad scaler skips overflowing steps and lowers its scale
+            skip = accelerator.optimizer_step_was_skipped
+            fp16_skipped += skip
+            bad = not finite_loss
         else:
+            bad = skip = not (finite_loss and finite_norm)
+            if not skip:
+                optimizer.step()
+        if not skip:
             scheduler.step()
+            loss_sum += step_loss
+            norm_sum += grad_norm.detach()
+            good_steps += 1
         optimizer.zero_grad(set_to_none=True)
-        norm_sum += grad_norm.detach()
-        state.update(step=step, epoch=epoch, batch_in_epoch=batch_index + 1)
+        state["nonfinite_steps"] += bad
+        bad_in_a_row = bad_in_a_row + 1 if bad else 0
+        if bad_in_a_row >= config.max_nonfinite_steps:
+            metrics.close()
+            raise Diverged(f"loss or gradient norm not finite for {bad_in_a_row} steps in a row "
+                           f"(step {step}); the last good checkpoint is "
+                           f"{checkpoint.latest_checkpoint(run_dir)}. Lower optim.lr, set "
+                           "optim.grad_clip, or check the data")
+        state.update(step=step, epoch=epoch, samples_in_epoch=consumed)
         window_steps += 1
         metrics.advance()
 
         if step % config.log_every == 0 or step == config.max_steps:
-            # The only host syncs of the loop: once per log interval.
+            # Everything else is read from the device once per log interval.
             elapsed = time.perf_counter() - window_start
-            local = torch.stack([loss_sum / (window_steps * accum), norm_sum / window_steps])
+            local = torch.stack([loss_sum / max(good_steps * accum, 1), norm_sum / max(good_steps, 1)])
             mean_loss, mean_norm = accelerator.reduce(local, reduction="mean").tolist()
             totals = {k: accelerator.reduce(v.detach().float(), reduction="sum").item()
                       for k, v in sorted(counters.items())}
@@ -182,11 +213,12 @@ def train(config: RunConfig) -> dict[str, float]:
             last = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": mean_norm,
                     "step_time_s": elapsed / window_steps, "samples_per_s": samples / elapsed,
                     **{f"{k}_per_s": v / elapsed for k, v in totals.items()},
-                    "data_wait_frac": data_wait / elapsed, "skipped_steps": skipped,
-                    "epoch": epoch, "peak_mem_mb": peak_memory_mb(accelerator.device)}
+                    "data_wait_frac": data_wait / elapsed, "fp16_skipped_steps": fp16_skipped,
+                    "nonfinite_steps": state["nonfinite_steps"], "epoch": epoch,
+                    "peak_mem_mb": peak_memory_mb(accelerator.device)}
             metrics.log(step, last)
             loss_sum, norm_sum, counters = zero.clone(), zero.clone(), {}
-            data_wait, window_start, window_steps = 0.0, time.perf_counter(), 0
+            data_wait, window_start, window_steps, good_steps = 0.0, time.perf_counter(), 0, 0
 
         paused_at = time.perf_counter()  # eval and checkpoint time is not training throughput
         if step % config.eval_every == 0 or step == config.max_steps:
@@ -201,7 +233,9 @@ def train(config: RunConfig) -> dict[str, float]:
 
         stopped = stop.should_stop() and step < config.max_steps
         if step % config.checkpoint_every == 0 or step == config.max_steps or stopped:
-            checkpoint.save(accelerator, run_dir, state, config.keep_checkpoints)
+            checkpoint.save(accelerator, run_dir, {**state, "scheduler": scheduler.state_dict(),
+                                                   "config": to_dict(config)},
+                            config.keep_checkpoints)
         if stopped:
             metrics.write(f"stop signal received: saved step {step}; run again to resume")
             break

@@ -36,12 +36,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop lines logged after `step`: a run killed after its last checkpoint trains those steps
+    again on resume, and each step must appear once."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
 class MetricsLogger:
     def __init__(self, accelerator, run_dir: Path, total_steps: int, start_step: int,
                  progress_bar: bool):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
-        self.file = open(Path(run_dir) / "metrics.jsonl", "a") if self.main else None
+        path = Path(run_dir) / "metrics.jsonl"
+        if self.main:
+            truncate_after(path, start_step)
+        self.file = open(path, "a") if self.main else None
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (self.main and progress_bar), file=sys.stderr)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from train.config import ConfigError
@@ -28,19 +29,32 @@ class ShardSampler(Sampler[int]):
 
 
 class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start part-way into an epoch (for resuming)."""
+    """DistributedSampler whose data order is defined by the global sample index, so a run can
+    resume part-way into an epoch, even on a different number of processes.
 
-    skip = 0  # samples of this rank's share to skip in the current epoch
+    Each epoch is one permutation of the dataset (seed + epoch), the same on every rank; rank r
+    takes positions r, r + world, ... of it. After k batches per rank, exactly the first
+    k * batch_size * world positions are consumed, whatever the rank count was.
+    """
+
+    skip = 0  # global positions of the current epoch's permutation already consumed
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         super().set_epoch(epoch)
         self.skip = skip
 
+    def _remaining(self) -> list[int]:
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)  # the same order DistributedSampler uses
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()
+        rest = order[: self.total_size][self.skip:]
+        return rest[: len(rest) - len(rest) % self.num_replicas]  # equal shares: no rank waits
+
     def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.skip:])
+        return iter(self._remaining()[self.rank::self.num_replicas])
 
     def __len__(self) -> int:
-        return self.num_samples - self.skip
+        return len(self._remaining()) // self.num_replicas
 
 
 def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int,
@@ -63,15 +77,18 @@ def eval_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int,
                       num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_fn)
 
 
-def batches_forever(loader: DataLoader, start_epoch: int = 0, skip_batches: int = 0):
-    """Yield (epoch, batch_index, batch) across epochs, reshuffling through `set_epoch`.
+def batches_forever(loader: DataLoader, start_epoch: int = 0, skip_samples: int = 0):
+    """Yield (epoch, samples consumed in the epoch by all ranks after this batch, batch) across
+    epochs, reshuffling through `set_epoch`.
 
-    `skip_batches` resumes part-way into `start_epoch`: the sampler recomputes that epoch's order
-    from the seed and drops what was already consumed, without loading it.
+    `skip_samples` (global) resumes part-way into `start_epoch`: the sampler recomputes that
+    epoch's order from the seed and drops what was already consumed, without loading it.
     """
-    epoch, skip = start_epoch, skip_batches
+    epoch, consumed = start_epoch, skip_samples
+    per_batch = loader.batch_size * loader.sampler.num_replicas
     while True:
-        loader.sampler.set_epoch(epoch, skip=skip * loader.batch_size)
-        for i, batch in enumerate(loader, start=skip):
-            yield epoch, i, batch
-        epoch, skip = epoch + 1, 0
+        loader.sampler.set_epoch(epoch, skip=consumed)
+        for batch in loader:
+            consumed += per_batch
+            yield epoch, consumed, batch
+        epoch, consumed = epoch + 1, 0
