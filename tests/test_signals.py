@@ -1,5 +1,6 @@
 """SIGUSR1/SIGTERM: every rank stops at the same step boundary, one checkpoint is saved, the run
-exits with the documented code, and running it again finishes with no step lost or repeated."""
+exits with the documented code, and running it again finishes with no step lost or repeated —
+and bit for bit as if it had never stopped (same loss at every step, same final weights)."""
 
 import os
 import signal
@@ -8,14 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 from conftest import ROOT, cli_env, free_port, read_jsonl, run_module
 from train.signals import EXIT_STOPPED_BY_SIGNAL
 
 LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
+# Dropout and gradient accumulation on: resuming must restore RNG states and the data position.
 ARGS = ["max_steps=60", "log_every=1", "eval_every=1000", "checkpoint_every=1000",
         "wandb.mode=disabled", "progress_bar=false", "device=cpu", "model.d_model=32",
-        "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "data.block_size=32",
-        "data.batch_size=8"]
+        "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.dropout=0.1",
+        "data.block_size=32", "data.batch_size=8", "gradient_accumulation_steps=2"]
 
 
 def _wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
@@ -41,6 +46,15 @@ def _train_steps(out: Path) -> list[int]:
     return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
 
 
+def _assert_same_run(resumed: Path, straight: Path) -> None:
+    losses = [(r["step"], r["loss"]) for r in read_jsonl(resumed / "metrics.jsonl") if "loss" in r]
+    assert losses == [(r["step"], r["loss"])
+                      for r in read_jsonl(straight / "metrics.jsonl") if "loss" in r]
+    final = "checkpoints/step_00000060/model.safetensors"
+    a, b = load_file(resumed / final), load_file(straight / final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "train", str(LM_TINY), f"output_dir={out}", *ARGS]
@@ -56,6 +70,9 @@ def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path):
 
     run_module("train", LM_TINY, f"output_dir={out}", *ARGS)
     assert _train_steps(out) == list(range(1, 61))
+    straight = tmp_path / "straight"
+    run_module("train", LM_TINY, f"output_dir={straight}", *ARGS)
+    _assert_same_run(out, straight)
 
 
 def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
@@ -83,3 +100,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _train_steps(out) == list(range(1, 61))
+    resumed, out = out, tmp_path / "straight"
+    subprocess.run(torchrun(), cwd=ROOT, env=cli_env(), check=True, capture_output=True,
+                   timeout=300)
+    _assert_same_run(resumed, out)

@@ -65,9 +65,12 @@ def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int
         raise ConfigError(
             f"the training set has {len(dataset)} samples, fewer than one batch per process "
             f"({batch_size} x {num_replicas} processes); lower data.batch_size or add data")
+    # Its own generator: creating an iterator must not draw from the global RNG, or a resumed
+    # run's random stream (dropout, augmentation) would be shifted by one draw.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
                       num_workers=num_workers, pin_memory=pin_memory,
-                      persistent_workers=num_workers > 0, collate_fn=collate_fn)
+                      persistent_workers=num_workers > 0, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int,
@@ -88,6 +91,8 @@ def batches_forever(loader: DataLoader, start_epoch: int = 0, skip_samples: int 
     per_batch = loader.batch_size * loader.sampler.num_replicas
     while True:
         loader.sampler.set_epoch(epoch, skip=consumed)
+        if loader.generator is not None:  # worker seeds depend on the epoch only
+            loader.generator.manual_seed(loader.sampler.seed + epoch)
         for batch in loader:
             consumed += per_batch
             yield epoch, consumed, batch

@@ -1,0 +1,102 @@
+"""Checkpoints: a kill at any moment (even mid-save) leaves a loadable checkpoint, corrupt ones
+are skipped with a warning, and a changed config is refused with the differing keys named."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, cli_env, read_jsonl, run_module
+from train.checkpoint import LOOP_STATE, complete_checkpoints, config_differences
+
+LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
+TINY = ["log_every=1", "eval_every=1000", "wandb.mode=disabled", "progress_bar=false",
+        "device=cpu", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
+        "data.block_size=32", "data.batch_size=8", "keep_checkpoints=3"]
+
+
+def _steps(out: Path) -> list[int]:
+    return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "run"
+    run_module("train", LM_TINY, f"output_dir={out}", "max_steps=6", "checkpoint_every=2", *TINY)
+    return out
+
+
+def test_keeps_the_last_k_complete_checkpoints(finished_run):
+    names = [p.name for p in complete_checkpoints(finished_run)]
+    assert names == ["step_00000002", "step_00000004", "step_00000006"]
+    assert not list((finished_run / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    # A wide model makes each save take long enough to be caught half-written.
+    args = ["max_steps=40", "checkpoint_every=1", *TINY, "model.d_model=256", "model.d_ff=2048",
+            "model.n_heads=4"]
+    proc = subprocess.Popen([sys.executable, "-m", "train", str(LM_TINY), f"output_dir={out}",
+                             *args], cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            root = out / "checkpoints"
+            if len(complete_checkpoints(out)) >= 2 and list(root.glob(".tmp-*/*")):
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before a save could be interrupted"
+    assert list((out / "checkpoints").glob(".tmp-*")), "the kill should land mid-save"
+    last_complete = complete_checkpoints(out)[-1]
+
+    done = run_module("train", LM_TINY, f"output_dir={out}", *args)
+    assert f"resumed from {last_complete}" in done.stderr
+    assert _steps(out) == list(range(1, 41))  # steps after the checkpoint were redone, once
+
+
+def test_a_truncated_checkpoint_is_skipped_with_a_warning(finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    newest = complete_checkpoints(out)[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = run_module("train", out / "config.yaml", f"output_dir={out}", "max_steps=8")
+    assert "skipping corrupt checkpoint" in proc.stderr and "truncated" in proc.stderr
+    assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr
+    assert _steps(out) == list(range(1, 9))
+
+
+def test_a_changed_config_is_refused_with_the_keys_named(finished_run):
+    before = (finished_run / "metrics.jsonl").read_text()
+    proc = run_module("train", finished_run / "config.yaml", "optim.lr=0.5", "seed=9",
+                      "max_steps=7", check=False)
+    assert proc.returncode == 2
+    assert "optim.lr: 0.002 -> 0.5" in proc.stderr and "seed: 1234 -> 9" in proc.stderr
+    assert "allow_config_change=true" in proc.stderr
+    assert (finished_run / "metrics.jsonl").read_text() == before
+
+
+def test_only_run_length_and_reporting_keys_may_change():
+    saved = {"max_steps": 5, "log_every": 1, "optim": {"lr": 1.0}, "data": {"num_workers": 0}}
+    now = {"max_steps": 9, "log_every": 3, "optim": {"lr": 1.0}, "data": {"num_workers": 2}}
+    assert config_differences(saved, now) == []
+    now["optim"]["lr"] = 2.0
+    assert config_differences(saved, now) == ["optim.lr: 1.0 -> 2.0"]
+
+
+def test_resume_from_an_explicit_bad_path_exits_2(tmp_path):
+    proc = run_module("train", LM_TINY, f"output_dir={tmp_path}/x", f"resume={tmp_path}",
+                      "max_steps=1", check=False)
+    assert proc.returncode == 2 and LOOP_STATE in proc.stderr
+    assert not (tmp_path / "x").exists()
