@@ -66,6 +66,15 @@ def evaluate(accelerator, task, model, loader, max_batches: int | None) -> dict[
     return task.eval_metrics({k: v.item() for k, v in zip(keys, total)})
 
 
+def sync_buffers(accelerator, model) -> None:
+    """Give every rank rank 0's buffers (e.g. BatchNorm running stats). DDP copies them only at
+    the start of a training forward, so after a step each rank's differ: without this, ranks
+    would evaluate slightly different models, and not the one rank 0 checkpoints."""
+    if accelerator.num_processes > 1:
+        for buffer in accelerator.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 class StoppedBySignal(Exception):
     """SIGTERM/SIGUSR1 arrived: a checkpoint was saved and the run stopped early."""
 
@@ -82,7 +91,8 @@ def train(config: RunConfig) -> dict[str, float]:
     mode = wandb_mode(config.wandb.mode)
     try:
         accelerator = Accelerator(
-            cpu=config.device == "cpu",
+            # auto on a machine without CUDA must still mean distributed CPU under torchrun.
+            cpu=config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available()),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=None if mode == "disabled" else "wandb",
@@ -222,6 +232,7 @@ def train(config: RunConfig) -> dict[str, float]:
 
         paused_at = time.perf_counter()  # eval and checkpoint time is not training throughput
         if step % config.eval_every == 0 or step == config.max_steps:
+            sync_buffers(accelerator, model)
             results = evaluate(accelerator, task, accelerator.unwrap_model(model), val_dl,
                                config.eval_max_batches)
             extras = {}

@@ -1,0 +1,313 @@
+"""Image classification through the shared loop: torchvision heads, frozen backbones, local and
+pretrained weights, image sources, exact metrics, and the digits config end to end (single
+process and two gloo ranks)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch.nn import functional as F
+from torchvision.models import ResNet18_Weights, get_model
+
+from tests.conftest import ROOT, cli_env, read_jsonl, run_module, run_torchrun
+from train.checkpoint import latest_checkpoint, load_model_weights
+from train.config import ConfigError, VisionDataConfig, validate
+from train.data.images import load_image_splits
+from train.data.loaders import eval_loader
+from train.models.vision import (build_classifier, drop_aux_heads, find_classifier,
+                                 read_state_dict, replace_classifier)
+from train.tasks.classify import ImageClassificationTask
+
+CONFIG = "configs/vision_tiny.yaml"
+RESNET18_FILE = os.path.basename(ResNet18_Weights.DEFAULT.url)  # its name in the hub cache
+
+# (model, input size, torchvision builder kwargs, dotted path of its head)
+FAMILIES = [
+    ("resnet18", 32, {}, "fc"),
+    ("regnet_x_400mf", 32, {}, "fc"),
+    ("shufflenet_v2_x0_5", 32, {}, "fc"),
+    ("googlenet", 32, {"init_weights": True}, "fc"),
+    ("inception_v3", 75, {"init_weights": True}, "fc"),
+    ("alexnet", 64, {}, "classifier.6"),
+    ("vgg11", 32, {}, "classifier.6"),
+    ("efficientnet_b0", 32, {}, "classifier.1"),
+    ("mobilenet_v2", 32, {}, "classifier.1"),
+    ("mobilenet_v3_small", 32, {}, "classifier.3"),
+    ("mnasnet0_5", 32, {}, "classifier.1"),
+    ("squeezenet1_1", 32, {}, "classifier.1"),
+    ("densenet121", 32, {}, "classifier"),
+    ("vit_b_32", 32, {"image_size": 32}, "heads.head"),
+    ("convnext_tiny", 32, {}, "classifier.2"),
+    ("swin_t", 32, {}, "head"),
+    ("maxvit_t", 224, {}, "classifier.5"),
+]
+
+
+def classify_config(tmp_path: Path, **overrides):
+    """The digits config, validated, with `section__key=value` overrides."""
+    raw = yaml.safe_load((ROOT / CONFIG).read_text())
+    raw["output_dir"] = str(tmp_path / "run")
+    for key, value in overrides.items():
+        section, _, name = key.rpartition("__")
+        (raw.setdefault(section, {}) if section else raw)[name] = value
+    return validate(raw)
+
+
+@pytest.mark.parametrize("name,size,kwargs,head", FAMILIES, ids=[f[0] for f in FAMILIES])
+def test_head_replacement(name, size, kwargs, head):
+    torch.manual_seed(0)
+    # The pretrained layout (1000 ImageNet classes), with its head swapped for 7 classes.
+    model = get_model(name, **kwargs)
+    drop_aux_heads(model, name)
+    assert find_classifier(model, name, 1000) == head
+    replace_classifier(model, head, 7)
+    # Built directly with 7 classes: the same head is found.
+    direct, direct_head = build_classifier(name, 7, **kwargs)
+    assert direct_head == head
+    x = torch.randn(2, 3, size, size)
+    for m in (model, direct):
+        m.train()  # aux classifiers are gone: plain logits in training mode too
+        out = m(x)
+        assert isinstance(out, torch.Tensor) and out.shape == (2, 7)
+
+
+def test_freeze_backbone_trains_only_the_head():
+    from train.config import OptimConfig
+    from train.loop import optimizer_for
+
+    torch.manual_seed(0)
+    model, head = build_classifier("resnet18", 5, freeze=True)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert head == "fc" and trainable == {"fc.weight", "fc.bias"}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = optimizer_for(model, OptimConfig(lr=0.1, weight_decay=0.1))
+    model.train()
+    F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.arange(8) % 5).backward()
+    optimizer.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Norm statistics are state too: a frozen backbone keeps them.
+    assert changed == {"fc.weight", "fc.bias"}
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _save_as_if_on_gpu(obj, path: Path, monkeypatch) -> None:
+    """torch.save of tensors that lived on a CUDA device: the real thing when there is one,
+    otherwise CPU tensors tagged as cuda:0, which is all a loader ever sees of the device."""
+    if torch.cuda.is_available():
+        torch.save(_to_device(obj, "cuda"), path)
+        return
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(obj, path)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(path, weights_only=True)  # without map_location it would need the device
+
+
+def test_local_weights_from_a_device_checkpoint(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    source, _ = build_classifier("resnet18", 10)
+    state = source.state_dict()
+
+    plain = tmp_path / "plain.pt"
+    _save_as_if_on_gpu(state, plain, monkeypatch)
+    torch.manual_seed(2)
+    same, _ = build_classifier("resnet18", 10, weights=str(plain))
+    for key, value in same.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+    # DDP-style `module.` keys inside a {"state_dict": ...} wrapper, loaded for 3 classes: the
+    # backbone comes from the checkpoint, the 10-class head is skipped for a fresh 3-class one.
+    wrapped = tmp_path / "wrapped.pth"
+    _save_as_if_on_gpu({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3},
+                       wrapped, monkeypatch)
+    assert set(read_state_dict(wrapped)) == set(state)
+    fewer, head = build_classifier("resnet18", 3, weights=str(wrapped))
+    assert fewer.fc.weight.shape == (3, 512)
+    for key, value in fewer.state_dict().items():
+        if not key.startswith(head + "."):
+            assert torch.equal(value, state[key]), key
+
+    # Another architecture's checkpoint is an error, not a half-loaded backbone.
+    other = tmp_path / "other.pt"
+    torch.save({"model": build_classifier("squeezenet1_1", 10)[0].state_dict()}, other)
+    with pytest.raises(ConfigError, match="does not fit"):
+        build_classifier("resnet18", 10, weights=str(other))
+
+
+def test_pretrained_weights_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(3)
+    imagenet_layout = get_model("resnet18").state_dict()  # stands in for the downloaded file
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / RESNET18_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save(imagenet_layout, cached)
+    model, head = build_classifier("resnet18", 10, weights="ResNet18_Weights.DEFAULT", freeze=True)
+    assert head == "fc" and model.fc.out_features == 10
+    for key, value in model.state_dict().items():
+        if not key.startswith("fc."):
+            assert torch.equal(value, imagenet_layout[key]), key
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
+    # Evaluation uses the weights' own preprocessing, at the configured size.
+    task = ImageClassificationTask(classify_config(tmp_path, model__weights="DEFAULT"))
+    _, val_set = task.datasets()
+    assert type(val_set.transform).__name__ == "ImageClassification"
+    assert val_set.transform.crop_size == [32] and val_set[0][0].shape == (3, 32, 32)
+
+
+def test_eval_sums_and_metrics_are_exact():
+    class FixedLogits(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, images):
+            return self.logits
+
+    config = validate({"task": "classify", "output_dir": "x", "max_steps": 1})
+    task = ImageClassificationTask(config)
+    # 6 classes, 3 samples: label ranks 1st, 3rd and 6th among the logits.
+    logits = torch.tensor([[0.0, 5, 1, 2, 3, 4], [5.0, 4, 3, 2, 1, 0], [0.0, 1, 2, 3, 4, 5]])
+    labels = torch.tensor([1, 2, 0])
+    sums = task.eval_sums(FixedLogits(logits), [torch.zeros(3, 3, 4, 4), labels])
+    metrics = task.eval_metrics({k: v.item() for k, v in sums.items()})
+    assert metrics["val/top1"] == pytest.approx(1 / 3)
+    assert metrics["val/top5"] == pytest.approx(2 / 3)
+    assert metrics["val/count"] == 3
+    assert metrics["val/loss"] == pytest.approx(F.cross_entropy(logits, labels).item())
+    # Fewer than 5 classes: "top-5" is top-k with k = number of classes, so always a hit.
+    sums = task.eval_sums(FixedLogits(logits[:, :2]), [torch.zeros(3, 3, 4, 4), labels % 2])
+    assert sums["top5"].item() == 3
+
+
+def test_image_sources_and_seeded_split(tmp_path):
+    digits = VisionDataConfig(source="builtin:digits", val_fraction=0.2)
+    a, b, c = (load_image_splits(digits, seed) for seed in (0, 0, 1))
+    assert len(a.train) + len(a.val) == 1797 and len(a.val) == round(1797 * 0.2)
+    assert a.val.indices == b.val.indices and a.val.indices != c.val.indices
+    assert not set(a.train.indices) & set(a.val.indices)
+    assert a.glyphs and a.classes == [str(d) for d in range(10)]
+
+    rng = np.random.default_rng(0)
+    for split, classes in (("train", ("cat", "dog", "emu")), ("val", ("cat", "emu"))):
+        for cls in classes:
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png")
+    # The val folder lacks "dog": "emu" must keep label 2.
+    folder = load_image_splits(VisionDataConfig(source=str(tmp_path)), 0)
+    assert (len(folder.train), len(folder.val)) == (9, 6)
+    assert folder.classes == ["cat", "dog", "emu"]
+    assert sorted(folder.val.raw(i)[1] for i in range(6)) == [0, 0, 0, 2, 2, 2]
+    single = load_image_splits(
+        VisionDataConfig(source=str(tmp_path / "train"), val_fraction=0.3), 0)
+    assert (len(single.train), len(single.val)) == (6, 3)
+    hf = load_image_splits(VisionDataConfig(source=f"hf:{tmp_path}"), 0)
+    assert (len(hf.train), len(hf.val)) == (9, 6) and hf.num_classes == 3
+    image, label = hf.val.raw(0)
+    assert image.mode == "RGB" and image.size == (12, 10) and label in (0, 2)
+    with pytest.raises(ConfigError, match="did you mean MNIST"):
+        load_image_splits(VisionDataConfig(source="torchvision:MNSIT"), 0)
+    with pytest.raises(ConfigError, match="data.download=true"):
+        load_image_splits(VisionDataConfig(source="torchvision:MNIST", root=str(tmp_path)), 0)
+
+
+def test_digits_transforms_and_channels_last(tmp_path):
+    config = classify_config(tmp_path, model__channels_last=True)
+    task = ImageClassificationTask(config)
+    train_set, val_set = task.datasets()
+    names = [type(t).__name__ for t in train_set.transform.transforms]
+    assert "RandomAffine" in names and "RandomHorizontalFlip" not in names  # digits: no mirror
+    image, label = val_set[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32 and 0 <= label < 10
+    model = task.model()
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    images = torch.stack([train_set[i][0] for i in range(4)])
+    loss, counters = task.loss(model, [images, torch.tensor([train_set[i][1] for i in range(4)])])
+    assert loss.ndim == 0 and torch.isfinite(loss) and counters["images"].item() == 4
+
+
+@pytest.mark.slow
+def test_unknown_model_name_exits_2_with_close_matches(tmp_path):
+    proc = run_module("train", CONFIG, f"output_dir={tmp_path / 'run'}", "model.name=resnet181",
+                      check=False)
+    assert proc.returncode == 2
+    assert "resnet181" in proc.stderr and "did you mean resnet18" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_missing_pretrained_weights_without_network_exits_2(tmp_path):
+    # An empty hub cache and a proxy that refuses connections: no weights, whatever the machine.
+    refuse = "http://127.0.0.1:9"
+    env = cli_env(TORCH_HOME=str(tmp_path / "torch"), https_proxy=refuse, HTTPS_PROXY=refuse,
+                  http_proxy=refuse, HTTP_PROXY=refuse)
+    env.pop("no_proxy", None), env.pop("NO_PROXY", None)
+    proc = run_module("train", CONFIG, f"output_dir={tmp_path / 'run'}", "model.weights=DEFAULT",
+                      env=env, check=False)
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / RESNET18_FILE
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and f"put it at {expected}" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_digits_config_end_to_end_with_wandb_image_grid(tmp_path):
+    run = tmp_path / "run"
+    run_module("train", CONFIG, f"output_dir={run}", "max_steps=8", "log_every=4",
+               "eval_every=4", "checkpoint_every=8", "wandb.mode=offline", "progress_bar=false",
+               "example_images=8")
+    rows = read_jsonl(run / "metrics.jsonl")
+    evals = [r for r in rows if "val/top1" in r]
+    assert [r["step"] for r in evals] == [4, 8]
+    assert all(r["val/count"] == 180 and 0 <= r["val/top1"] <= r["val/top5"] <= 1 for r in evals)
+    assert any("images_per_s" in r for r in rows)
+    grids = list(run.glob("wandb/offline-run-*/files/media/images/**/*.png"))
+    assert len(grids) == 2, grids
+    with Image.open(grids[0]) as grid:  # 8 images of 32 px in one row, 2 px padding
+        assert grid.size == (8 * 34 + 2, 36)
+
+
+@pytest.mark.slow
+# shufflenet has BatchNorm: after a step each rank's running statistics differ, and the loop must
+# give every rank rank 0's before evaluating, or the ranks evaluate different models.
+@pytest.mark.parametrize("name", ["squeezenet1_1", "shufflenet_v2_x0_5"])
+def test_two_ranks_top1_is_exact_on_an_odd_validation_set(tmp_path, name):
+    run = tmp_path / "run"
+    run_torchrun(2, "train", CONFIG, f"output_dir={run}", f"model.name={name}", "device=cpu",
+                 "max_steps=4", "log_every=2", "eval_every=4", "checkpoint_every=4",
+                 "data.max_val_samples=101", "data.batch_size=16", "data.eval_batch_size=32",
+                 "optim.warmup_steps=0", "wandb.mode=disabled", "progress_bar=false")
+    logged = [r for r in read_jsonl(run / "metrics.jsonl") if "val/top1" in r][-1]
+    assert logged["val/count"] == 101  # 51 + 50 samples, none padded or counted twice
+
+    # The same checkpoint evaluated by one process over the whole set.
+    config = validate(yaml.safe_load((run / "config.yaml").read_text()))
+    task = ImageClassificationTask(config)
+    _, val_set = task.datasets()
+    model = task.model()
+    model.load_state_dict(load_model_weights(latest_checkpoint(run)))
+    model.eval()
+    sums: dict[str, float] = {}
+    with torch.no_grad():
+        for batch in eval_loader(val_set, 32, 1, 0):
+            for key, value in task.eval_sums(model, batch).items():
+                sums[key] = sums.get(key, 0.0) + value.double().item()
+    single = task.eval_metrics(sums)
+    assert single["val/count"] == 101
+    assert single["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    assert single["val/top1"] == logged["val/top1"] and single["val/top5"] == logged["val/top5"]

@@ -1,0 +1,311 @@
+"""Labelled image datasets for classification, from four kinds of source, as torch Datasets of
+(image tensor, label) that the loop's shared loaders shard across processes.
+
+    builtin:digits       scikit-learn's 1797 8x8 handwritten digits (shipped with it, no network)
+    torchvision:NAME     a torchvision dataset under data.root (downloaded only if data.download)
+    DIR                  an image-folder tree: DIR/train/ + DIR/val/ (or test/), or class folders
+    hf:NAME | hf:DIR     a Hugging Face dataset (hub name, or a local imagefolder directory);
+                         a name that is not a local path is also taken as a hub dataset
+
+Sources without their own validation split are split by a seeded permutation, so every process
+and every run with the same seed sees the same split.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from train.config import ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+TORCHVISION_PREFIX = "torchvision:"
+HF_PREFIX = "hf:"
+VAL_DIR_NAMES = ("val", "validation", "valid", "test")
+# Glyph datasets: a mirrored glyph is another (or no) glyph, so they get no horizontal flips.
+GLYPH_SOURCES = {"builtin:digits", "torchvision:mnist", "torchvision:emnist", "torchvision:kmnist",
+                 "torchvision:qmnist", "torchvision:usps", "torchvision:svhn",
+                 "torchvision:semeion"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DigitsImages(Dataset):
+    """scikit-learn's digits as 8x8 grayscale PIL images (pixel values 0..16 scaled to 0..255)."""
+
+    def __init__(self):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        self.pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+        self.labels = digits.target.astype(np.int64)
+        self.classes = [str(c) for c in digits.target_names]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return Image.fromarray(self.pixels[i]), int(self.labels[i])  # 2-D uint8: grayscale
+
+
+class HFImages(Dataset):
+    """(image, label) items of a Hugging Face dataset."""
+
+    def __init__(self, dataset, image_column: str, label_column: str):
+        self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        row = self.dataset[int(i)]
+        return row[self.image_column], int(row[self.label_column])
+
+
+class FixedClassesFolder(ImageFolder):
+    """An ImageFolder that takes its class indices from the training folder, so that a
+    validation folder missing a class neither fails nor shifts the labels of the others."""
+
+    def __init__(self, root: str, class_to_idx: dict[str, int]):
+        self.fixed_class_to_idx = class_to_idx
+        super().__init__(root, allow_empty=True)
+
+    def find_classes(self, directory):
+        fixed = self.fixed_class_to_idx
+        return sorted(fixed, key=fixed.get), fixed
+
+
+def _as_rgb(image) -> Image.Image:
+    """Every model takes 3 channels: grayscale, palette and RGBA images are converted."""
+    if isinstance(image, dict) and image.get("bytes") is not None:  # undecoded HF image
+        import io
+
+        image = Image.open(io.BytesIO(image["bytes"]))
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    elif isinstance(image, torch.Tensor):
+        image = v2.functional.to_pil_image(image)
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class ImageSubset(Dataset):
+    """Items `indices` of a base dataset of (image, label), as (transformed tensor, label)."""
+
+    def __init__(self, base: Dataset, indices, transform=None):
+        self.base, self.indices, self.transform = base, list(indices), transform
+
+    def with_transform(self, transform) -> "ImageSubset":
+        return ImageSubset(self.base, self.indices, transform)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def raw(self, i: int):
+        image, label = self.base[self.indices[i]]
+        return _as_rgb(image), int(label)
+
+    def __getitem__(self, i: int):
+        image, label = self.raw(i)
+        return (self.transform(image) if self.transform else image), label
+
+
+@dataclass
+class ImageSplits:
+    train: ImageSubset
+    val: ImageSubset
+    classes: list[str] | None  # names, index = label; None when the source has none
+    num_classes: int | None  # None when unknown without reading every label
+    glyphs: bool  # digits or letters: no horizontal flips
+
+
+def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def _limit(indices: list[int], limit: int | None, seed: int) -> list[int]:
+    """A seeded random subset (not the first `limit`: folder datasets are sorted by class)."""
+    if limit is None or limit >= len(indices):
+        return indices
+    pick = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed))[:limit]
+    return sorted(indices[i] for i in pick.tolist())
+
+
+def _split_one(base: Dataset, val_fraction: float, seed: int) -> tuple[ImageSubset, ImageSubset]:
+    if len(base) < 2:
+        raise ConfigError(f"the dataset holds {len(base)} image(s); need at least 2 to split")
+    train_idx, val_idx = seeded_split(len(base), val_fraction, seed)
+    return ImageSubset(base, train_idx), ImageSubset(base, val_idx)
+
+
+def _classes_of(dataset) -> tuple[list[str] | None, int | None]:
+    classes = getattr(dataset, "classes", None)
+    if classes:
+        return [str(c) for c in classes], len(classes)
+    for attr in ("targets", "labels"):
+        labels = getattr(dataset, attr, None)
+        if labels is not None and len(labels):
+            return None, int(max(int(x) for x in labels)) + 1
+    return None, None
+
+
+def _builtin(name: str, cfg, seed: int) -> ImageSplits:
+    if name != "digits":
+        raise ConfigError(f"data.source='builtin:{name}': unknown builtin dataset; "
+                          "available: builtin:digits")
+    base = DigitsImages()
+    train, val = _split_one(base, cfg.val_fraction, seed)
+    return ImageSplits(train, val, base.classes, len(base.classes), glyphs=True)
+
+
+def _torchvision(name: str, cfg, seed: int) -> ImageSplits:
+    import torchvision.datasets
+
+    available = [n for n in torchvision.datasets.__all__
+                 if inspect.isclass(getattr(torchvision.datasets, n))]
+    if name not in available:
+        hint = difflib.get_close_matches(name, available, n=3)
+        raise ConfigError(f"data.source='torchvision:{name}': no such torchvision dataset"
+                          + (f"; did you mean {', '.join(hint)}?" if hint else ""))
+    cls = getattr(torchvision.datasets, name)
+    params = inspect.signature(cls).parameters
+    kwargs = {"download": cfg.download} if "download" in params else {}
+    root = str(Path(cfg.root).expanduser())
+
+    def make(**split):
+        try:
+            return cls(root, **split, **kwargs)
+        except (RuntimeError, OSError) as exc:  # not found / corrupt / no network
+            raise ConfigError(
+                f"data.source='torchvision:{name}': cannot load it from data.root={cfg.root!r} "
+                f"({str(exc).splitlines()[0]}); "
+                + ("check the network or put the files there" if cfg.download else
+                   "set data.download=true to fetch it, or data.root to where it is")) from None
+
+    glyphs = f"torchvision:{name.lower()}" in GLYPH_SOURCES
+    if "train" in params:
+        train_base, val_base = make(train=True), make(train=False)
+    elif "split" in params:
+        train_base = make(split="train")
+        val_base = None
+        for split in ("val", "valid", "test"):
+            try:
+                val_base = make(split=split)
+                break
+            except ValueError:  # not one of this dataset's split names
+                continue
+        if val_base is None:
+            raise ConfigError(f"data.source='torchvision:{name}': found no val/test split")
+    else:
+        train, val = _split_one(make(), cfg.val_fraction, seed)
+        return ImageSplits(train, val, *_classes_of(train.base), glyphs=glyphs)
+    return ImageSplits(ImageSubset(train_base, range(len(train_base))),
+                       ImageSubset(val_base, range(len(val_base))),
+                       *_classes_of(train_base), glyphs=glyphs)
+
+
+def _image_folder(path: Path, cfg, seed: int) -> ImageSplits:
+    val_dir = next((path / n for n in VAL_DIR_NAMES if (path / n).is_dir()), None)
+    try:
+        if (path / "train").is_dir() and val_dir is not None:
+            train_base = ImageFolder(str(path / "train"))
+            val_base = FixedClassesFolder(str(val_dir), train_base.class_to_idx)
+            train = ImageSubset(train_base, range(len(train_base)))
+            val = ImageSubset(val_base, range(len(val_base)))
+        else:
+            train_base = ImageFolder(str(path))
+            train, val = _split_one(train_base, cfg.val_fraction, seed)
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images in them
+        raise ConfigError(f"data.source={str(path)!r}: not an image folder tree "
+                          f"({exc}); expected DIR/CLASS/IMAGE or DIR/train/CLASS/IMAGE "
+                          "with DIR/val/CLASS/IMAGE") from None
+    return ImageSplits(train, val, list(train_base.classes), len(train_base.classes), glyphs=False)
+
+
+def _hugging_face(name: str, cfg, seed: int) -> ImageSplits:
+    import datasets
+
+    path = Path(name).expanduser()
+    try:
+        if path.is_dir():
+            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
+        else:
+            loaded = datasets.load_dataset(name)
+    except Exception as exc:  # datasets raises many types (not found, offline, gated, ...)
+        raise ConfigError(f"data.source={cfg.source!r}: cannot load it as a Hugging Face "
+                          f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if "train" not in loaded:
+        raise ConfigError(f"data.source={cfg.source!r}: no 'train' split (has: "
+                          f"{', '.join(loaded)})")
+    train_ds = loaded["train"]
+    for column in (cfg.image_column, cfg.label_column):
+        if column not in train_ds.column_names:
+            raise ConfigError(f"data.source={cfg.source!r}: no column {column!r} (columns: "
+                              f"{', '.join(train_ds.column_names)}); set data.image_column / "
+                              "data.label_column")
+    val_name = next((n for n in VAL_DIR_NAMES if n in loaded), None)
+    train_base = HFImages(train_ds, cfg.image_column, cfg.label_column)
+    if val_name is None:
+        train, val = _split_one(train_base, cfg.val_fraction, seed)
+    else:
+        val_base = HFImages(loaded[val_name], cfg.image_column, cfg.label_column)
+        train = ImageSubset(train_base, range(len(train_base)))
+        val = ImageSubset(val_base, range(len(val_base)))
+    feature = train_ds.features[cfg.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        classes = list(feature.names)
+        return ImageSplits(train, val, classes, len(classes), glyphs=False)
+    labels = train_ds[cfg.label_column]  # one column read, no image decoding
+    return ImageSplits(train, val, None, int(max(labels)) + 1, glyphs=False)
+
+
+def load_image_splits(cfg, seed: int) -> ImageSplits:
+    """Untransformed (RGB PIL image, label) train/val splits of `cfg.source` (a VisionDataConfig),
+    cut to max_train_samples / max_val_samples."""
+    source = cfg.source
+    if source.startswith(BUILTIN_PREFIX):
+        splits = _builtin(source[len(BUILTIN_PREFIX):], cfg, seed)
+    elif source.startswith(TORCHVISION_PREFIX):
+        splits = _torchvision(source[len(TORCHVISION_PREFIX):], cfg, seed)
+    elif source.startswith(HF_PREFIX):
+        splits = _hugging_face(source[len(HF_PREFIX):], cfg, seed)
+    elif Path(source).expanduser().is_dir():
+        splits = _image_folder(Path(source).expanduser(), cfg, seed)
+    elif source.startswith((".", "/", "~")):
+        raise ConfigError(f"data.source={source!r}: no such directory")
+    else:
+        splits = _hugging_face(source, cfg, seed)
+    splits.train.indices = _limit(splits.train.indices, cfg.max_train_samples, seed)
+    splits.val.indices = _limit(splits.val.indices, cfg.max_val_samples, seed + 1)
+    if not len(splits.train) or not len(splits.val):
+        raise ConfigError(f"data.source={source!r}: empty train or validation split "
+                          f"({len(splits.train)} / {len(splits.val)} images)")
+    return splits
+
+
+def train_transform(size: int, augment: str, mean, std) -> v2.Compose:
+    """Random augmentation for training; `augment` is `crop_flip`, `affine` or `none`."""
+    if augment == "crop_flip":  # natural images: scale/aspect jitter, mirror symmetry
+        geometry = [v2.RandomResizedCrop(size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip()]
+    elif augment == "affine":  # glyphs: small shifts, rotations and scalings, never mirrored
+        geometry = [v2.Resize(size), v2.CenterCrop(size),
+                    v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
+    else:
+        geometry = [v2.Resize(size), v2.CenterCrop(size)]
+    return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean, std)])
+
+
+def eval_transform(size: int, mean, std) -> v2.Compose:
+    return v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.ToImage(),
+                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

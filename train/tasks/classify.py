@@ -1,0 +1,115 @@
+"""Image classification with any torchvision classifier."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from train.config import ConfigError
+from train.data.images import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image_splits,
+                               train_transform)
+from train.models.vision import build_classifier, pretrained_weights
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+class ImageClassificationTask:
+    collate_fn = None  # items are (CHW float tensor, int label): the default collate stacks them
+
+    def __init__(self, config):
+        self.config = config
+        self.weights = pretrained_weights(config.model.name, config.model.weights)
+        self.num_classes = config.model.num_classes
+        self.classes: list[str] | None = None
+        self.val_set = None
+
+    # --- data ---
+    def _transforms(self, glyphs: bool):
+        d = self.config.data
+        augment = ("affine" if glyphs else "crop_flip") if d.augment == "auto" else d.augment
+        if self.weights is None:
+            size = d.image_size or DEFAULT_IMAGE_SIZE
+            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+            return train_transform(size, augment, self.mean, self.std), eval_transform(
+                size, self.mean, self.std)
+        # Pretrained weights come with their own evaluation preprocessing (resize, crop, norm).
+        preset = self.weights.transforms()
+        if d.image_size is not None:
+            ratio = preset.resize_size[0] / preset.crop_size[0]
+            preset = self.weights.transforms(crop_size=d.image_size,
+                                             resize_size=round(d.image_size * ratio))
+        self.mean, self.std = tuple(preset.mean), tuple(preset.std)
+        return train_transform(preset.crop_size[0], augment, self.mean, self.std), preset
+
+    def datasets(self):
+        splits = load_image_splits(self.config.data, self.config.seed)
+        self.classes = splits.classes
+        if self.num_classes is None:
+            if splits.num_classes is None:
+                raise ConfigError("cannot tell how many classes the data has; "
+                                  "set model.num_classes")
+            self.num_classes = splits.num_classes
+        elif splits.num_classes is not None and splits.num_classes > self.num_classes:
+            raise ConfigError(f"model.num_classes={self.num_classes} but the data has "
+                              f"{splits.num_classes} classes")
+        train_tf, eval_tf = self._transforms(splits.glyphs)
+        self.val_set = splits.val.with_transform(eval_tf)
+        return splits.train.with_transform(train_tf), self.val_set
+
+    # --- model ---
+    def model(self):
+        if self.num_classes is None:
+            raise RuntimeError("call datasets() first: the number of classes comes from the data")
+        m = self.config.model
+        model, self.head_path = build_classifier(m.name, self.num_classes, m.weights,
+                                                 m.freeze_backbone, m.channels_last)
+        return model
+
+    def _logits(self, model, images: torch.Tensor) -> torch.Tensor:
+        if self.config.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return model(images).float()
+
+    # --- training and evaluation ---
+    def loss(self, model, batch):
+        images, labels = batch
+        loss = F.cross_entropy(self._logits(model, images), labels,
+                               label_smoothing=self.config.label_smoothing)
+        return loss, {"images": torch.tensor(len(labels), device=labels.device)}
+
+    def eval_sums(self, model, batch):
+        images, labels = batch
+        logits = self._logits(model, images)
+        k = min(5, logits.shape[1])  # "top-5" of fewer classes: every class counts
+        hits = logits.topk(k, dim=1).indices == labels[:, None]
+        return {"loss": F.cross_entropy(logits, labels, reduction="sum"),
+                "top1": hits[:, 0].sum(), "top5": hits.any(dim=1).sum(),
+                "count": torch.tensor(len(labels), device=labels.device)}
+
+    def eval_metrics(self, sums):
+        count = max(sums["count"], 1)
+        return {"val/loss": sums["loss"] / count, "val/top1": sums["top1"] / count,
+                "val/top5": sums["top5"] / count, "val/count": int(sums["count"])}
+
+    @torch.no_grad()
+    def eval_extras(self, model, step):
+        n = min(self.config.example_images, len(self.val_set))
+        if n == 0 or self.config.wandb.mode == "disabled":
+            return {}
+        import wandb
+        from torchvision.utils import make_grid
+
+        items = [self.val_set[i] for i in range(n)]
+        images = torch.stack([image for image, _ in items])
+        labels = [label for _, label in items]
+        device = next(model.parameters()).device
+        model.eval()
+        preds = self._logits(model, images.to(device)).argmax(dim=1).tolist()
+        # Undo the normalisation so that people see the images the model saw.
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        grid = make_grid((images * std + mean).clamp(0, 1), nrow=8, padding=2)
+        pixels = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        name = (lambda c: self.classes[c]) if self.classes else str
+        caption = "pred/true: " + " ".join(f"{name(p)}/{name(t)}" for p, t in zip(preds, labels))
+        return {"val/examples": wandb.Image(pixels, caption=caption)}
