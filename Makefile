@@ -26,9 +26,11 @@ $(VENV)/.setup-done: pyproject.toml Makefile
 	@touch $@
 
 demo: setup
-	rm -rf runs/demo-lm
+	rm -rf runs/demo-lm runs/demo-vision
 	$(PY) -m train configs/lm_tiny.yaml output_dir=runs/demo-lm
 	$(PY) -m train.generate runs/demo-lm --prompt "The " --max-new-tokens 300 --temperature 0.8 --top-k 40 --seed 0
+	$(PY) -m train configs/vision_tiny.yaml output_dir=runs/demo-vision
+	@tail -n 1 runs/demo-vision/metrics.jsonl
 
 test: setup
 	$(PY) -m pytest -q tests
