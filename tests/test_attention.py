@@ -1,0 +1,240 @@
+"""chunked-causal-linear: same results as fast-transformers' causal-linear (outputs and gradients),
+under autocast and torch.compile, and a recurrent twin that reproduces the parallel model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fast_transformers.attention.causal_linear_attention import CausalLinearAttention
+from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
+from fast_transformers.masking import FullMask, LengthMask, TriangularCausalMask
+
+import train.models.attention as attention
+from train.models.attention import (
+    NAME,
+    ChunkedCausalLinearAttention,
+    RecurrentFP32LinearAttention,
+    chunked_causal_linear,
+    registered_attention_types,
+)
+from train.models.sequence import TransformerLM
+
+
+def _inputs(N, L, H, D, M, seed=0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(N, L, H, D, generator=gen, dtype=dtype) for _ in range(2))
+    v = torch.randn(N, L, H, M, generator=gen, dtype=dtype)
+    grad = torch.randn(N, L, H, M, generator=gen, dtype=dtype)
+    return q, k, v, grad
+
+
+def _run(module, q, k, v, grad, lengths=None):
+    """Forward + backward of an attention module; returns [output, dq, dk, dv]."""
+    N, L = q.shape[:2]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    key_lengths = LengthMask(lengths if lengths is not None else torch.full((N,), L),
+                             max_len=L)
+    query_lengths = LengthMask(torch.full((N,), L), max_len=L)
+    out = module(*leaves, TriangularCausalMask(L), query_lengths, key_lengths)
+    return [out.detach(), *torch.autograd.grad(out, leaves, grad.to(out.dtype))]
+
+
+def _rel_err(x, ref):
+    """max |x - ref| / max |ref| (error relative to the tensor's scale)."""
+    return ((x.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+# (N, L, H, D, M, chunk): chunks that divide L, that do not, one chunk, chunk > L, M != D.
+SHAPES = [
+    (2, 37, 3, 8, 8, 16),
+    (2, 96, 4, 32, 32, 32),
+    (1, 64, 2, 16, 16, 64),
+    (2, 130, 2, 16, 12, 32),
+    (1, 50, 2, 8, 8, 7),
+    (1, 40, 1, 8, 8, 1000),
+]
+
+
+@pytest.fixture(params=["slabs", "one-chunk-slabs", "single-pass"])
+def kernel_path(request, monkeypatch):
+    """The three ways the kernel walks the sequence: CPU slabs as configured, one chunk per
+    slab (many slab boundaries to carry the state across), and the single pass with cumsum
+    that CUDA and torch.compile take."""
+    if request.param == "one-chunk-slabs":
+        monkeypatch.setattr(attention, "CPU_SLAB_ROWS", 1)
+    elif request.param == "single-pass":
+        monkeypatch.setattr(attention, "_use_slabs", lambda t: False)
+    return request.param
+
+
+@pytest.mark.parametrize("N,L,H,D,M,C", SHAPES)
+def test_matches_library_outputs_and_gradients(kernel_path, N, L, H, D, M, C):
+    q, k, v, grad = _inputs(N, L, H, D, M)
+    expected = _run(CausalLinearAttention(D), q, k, v, grad)
+    got = _run(ChunkedCausalLinearAttention(D, causal_chunk_size=C), q, k, v, grad)
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], got, expected):
+        assert x.shape == ref.shape and x.dtype == torch.float32
+        assert _rel_err(x, ref) <= 1e-5, name
+
+
+def test_matches_library_with_key_length_masks(kernel_path):
+    N, L, H, D = 3, 45, 2, 16
+    q, k, v, grad = _inputs(N, L, H, D, D, seed=1)
+    lengths = torch.tensor([45, 30, 7])
+    expected = _run(CausalLinearAttention(D), q, k, v, grad, lengths)
+    got = _run(ChunkedCausalLinearAttention(D, causal_chunk_size=16), q, k, v, grad, lengths)
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], got, expected):
+        assert _rel_err(x, ref) <= 1e-5, name
+    # Masked keys really are out: their gradients vanish and changing them changes nothing.
+    assert got[2][1, 30:].abs().max() == 0 and got[3][2, 7:].abs().max() == 0
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 30:], v2[1, 30:] = 5.0, -5.0
+    moved = _run(ChunkedCausalLinearAttention(D, causal_chunk_size=16), q, k2, v2, grad, lengths)
+    assert torch.equal(moved[0], got[0])
+
+
+def test_single_position_sequence():
+    q, k, v, grad = _inputs(2, 1, 2, 4, 4)
+    expected = _run(CausalLinearAttention(4), q, k, v, grad)
+    got = _run(ChunkedCausalLinearAttention(4, causal_chunk_size=8), q, k, v, grad)
+    for x, ref in zip(got, expected):
+        assert torch.allclose(x, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_against_float64_definition():
+    """The kernel itself (no module) against the quadratic-form definition in float64."""
+    N, L, H, D, M = 2, 70, 2, 8, 5
+    q, k, v, _ = _inputs(N, L, H, D, M, seed=3)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    scores = torch.einsum("nlhd,nshd->nhls", q.double(), k.double()).tril()
+    expected = torch.einsum("nhls,nshm->nlhm", scores, v.double()) / (
+        scores.sum(-1).transpose(1, 2).unsqueeze(-1) + 1e-6)
+    got = chunked_causal_linear(q, k, v, chunk_size=16)
+    assert _rel_err(got, expected) <= 1e-6
+
+
+def test_rejects_a_non_causal_mask():
+    q, k, v, _ = _inputs(1, 8, 1, 4, 4)
+    lengths = LengthMask(torch.tensor([8]))
+    with pytest.raises(RuntimeError, match="causal"):
+        ChunkedCausalLinearAttention(4)(q, k, v, FullMask(8), lengths, lengths)
+
+
+@pytest.mark.parametrize("L,C", [(64, 16), (300, 64), (512, 16)])
+def test_bf16_autocast_runs_and_stays_close_to_fp32(L, C):
+    N, H, D = 2, 2, 32
+    q, k, v, grad = _inputs(N, L, H, D, D, seed=4)
+    module = ChunkedCausalLinearAttention(D, causal_chunk_size=C)
+    reference = _run(module, q, k, v, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _run(module, q, k, v, grad)
+    assert got[0].dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa (relative step 2^-8 ~ 4e-3); the fp32 cross-chunk state
+    # keeps long sequences at that level instead of drifting with the number of chunks.
+    assert _rel_err(got[0], reference[0]) <= 1.5e-2
+    for x, ref in zip(got[1:], reference[1:]):
+        assert torch.isfinite(x).all()
+        assert _rel_err(x, ref) <= 6e-2
+
+
+def test_bf16_inputs_without_autocast():
+    q, k, v, grad = _inputs(1, 80, 2, 16, 16, seed=5)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    expected = chunked_causal_linear(q, k, v, 32)
+    got = chunked_causal_linear(q.bfloat16(), k.bfloat16(), v.bfloat16(), 32)
+    assert got.dtype == torch.bfloat16
+    assert _rel_err(got, expected) <= 1.5e-2
+
+
+def _compile_check(backend):
+    q, k, v, grad = _inputs(2, 40, 2, 8, 8, seed=6)
+    q, k = F.elu(q) + 1, F.elu(k) + 1
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    eager = chunked_causal_linear(*leaves, 16)
+    eager_grads = torch.autograd.grad(eager, leaves, grad)
+    compiled = torch.compile(chunked_causal_linear, backend=backend, fullgraph=True)
+    out = compiled(*leaves, 16)
+    grads = torch.autograd.grad(out, leaves, grad)
+    assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
+    for x, ref in zip(grads, eager_grads):
+        assert torch.allclose(x, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_traces_the_kernel_whole():
+    """Dynamo + AOTAutograd capture forward and backward in one graph (no graph breaks)."""
+    torch._dynamo.reset()
+    _compile_check("aot_eager")
+
+
+def test_torch_compile_inductor():
+    """The default backend (generates and builds C++; about 20 s on a 2-core machine)."""
+    torch._dynamo.reset()
+    _compile_check("inductor")
+
+
+def test_registered_under_both_registries_with_the_chunk_size_parameter():
+    assert NAME in registered_attention_types() and "causal-linear" in registered_attention_types()
+    encoder = TransformerEncoderBuilder.from_kwargs(
+        n_layers=1, n_heads=2, query_dimensions=8, value_dimensions=8,
+        feed_forward_dimensions=16, attention_type=NAME, causal_chunk_size=24).get()
+    inner = encoder.layers[0].attention.inner_attention
+    assert isinstance(inner, ChunkedCausalLinearAttention) and inner.chunk_size == 24
+    recurrent = RecurrentEncoderBuilder.from_kwargs(
+        n_layers=1, n_heads=2, query_dimensions=8, value_dimensions=8,
+        feed_forward_dimensions=16, attention_type=NAME).get()
+    assert isinstance(recurrent.layers[0].attention.inner_attention,
+                      RecurrentFP32LinearAttention)
+
+
+def test_recurrent_state_has_a_fixed_size():
+    """Per-token cost cannot grow with position: the state is the same size at every step."""
+    module = RecurrentFP32LinearAttention(8)
+    q, k, v, _ = _inputs(3, 50, 2, 8, 6, seed=7)
+    state, sizes = None, set()
+    for t in range(50):
+        _, state = module(q[:, t], k[:, t], v[:, t], state=state)
+        sizes.add(tuple(tuple(s.shape) for s in state))
+        assert all(s.dtype == torch.float32 for s in state)
+    assert sizes == {((3, 2, 8, 6), (3, 2, 8))}
+
+
+def _lm(attention_type, seed=0):
+    torch.manual_seed(seed)
+    return TransformerLM(61, d_model=32, n_layers=2, n_heads=4, d_ff=64,
+                         attention_type=attention_type, attention_chunk_size=8).eval()
+
+
+@pytest.mark.parametrize("attention_type", [NAME, "causal-linear"])
+def test_recurrent_twin_reproduces_the_parallel_model(attention_type):
+    model = _lm(attention_type)
+    ids = torch.randint(0, 61, (3, 29), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        parallel = model(ids)
+        twin, state, steps = model.recurrent(), None, []
+        for t in range(ids.shape[1]):
+            logits, state = twin.step(ids[:, t], t, state)
+            steps.append(logits)
+    assert (torch.stack(steps, 1) - parallel).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("attention_type", [NAME, "causal-linear"])
+def test_lm_trains_under_bf16_autocast(attention_type):
+    """Forward + backward of the whole LM under CPU bf16 autocast; the library's fp32-only
+    kernel runs through the model's fp32 wrapper. Both stay close to the fp32 loss."""
+    model = _lm(attention_type).train()
+    ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(9))
+
+    def loss_and_grads():
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, 61), ids[:, 1:].reshape(-1))
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        return loss.item(), grads
+
+    loss32, _ = loss_and_grads()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss16, grads = loss_and_grads()
+    assert abs(loss16 - loss32) <= 2e-2 * abs(loss32)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

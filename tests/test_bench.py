@@ -1,0 +1,76 @@
+"""`python -m train.bench`: the attention benchmark's JSON report, and the CLI's errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train.bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def quick_report() -> dict:
+    proc = _bench("attention", "--quick", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def test_attention_json_has_every_kernel_and_sane_values(quick_report):
+    r = quick_report
+    assert r["benchmark"] == "attention" and r["device"] == "cpu" and r["dtype"] == "float32"
+    assert r["matmul_gflops"] > 0
+    assert [row["L"] for row in r["parallel"]] == list(r["settings"]["lengths"])
+    for row in r["parallel"]:
+        for kernel in ("library", "chunked", "sdpa"):
+            m = row[kernel]
+            assert m["ms"] > 0 and m["gflops"] > 0 and m["peak_mb"] > 0, (kernel, m)
+            assert m["frac_of_matmul"] == pytest.approx(m["gflops"] / r["matmul_gflops"])
+        # The project's kernel computes what the library computes (fp32, grads included).
+        assert 0 <= row["rel_err_vs_library"] <= 1e-5
+        assert row["speedup_vs_library"] == pytest.approx(row["library"]["ms"] /
+                                                          row["chunked"]["ms"])
+
+
+def test_attention_json_has_recurrent_steps(quick_report):
+    rows = quick_report["recurrent"]
+    assert [row["position"] for row in rows] == list(quick_report["settings"]["positions"])
+    assert all(row["linear_ms"] > 0 and row["full_ms"] > 0 for row in rows)
+    growth = quick_report["recurrent_growth"]
+    assert growth["linear"] == pytest.approx(rows[-1]["linear_ms"] / rows[0]["linear_ms"])
+
+
+def test_text_report_lists_every_length(quick_report):
+    from train.bench.attention import format_report
+
+    text = format_report(quick_report)
+    assert "matmul rate" in text and "speedup" in text and "recurrent sampling" in text
+    for row in quick_report["parallel"]:
+        assert any(line.strip().startswith(str(row["L"]) + " |") for line in text.splitlines())
+
+
+def test_skipped_library_is_reported_not_measured():
+    from train.bench.attention import QUICK, parallel_row
+
+    settings = dataclasses.replace(QUICK, lengths=(32,), library_max_len=16, repeats=1)
+    row = parallel_row(settings, 32, torch.device("cpu"), torch.float32, rate=1.0)
+    assert row["library"] is None and row["speedup_vs_library"] is None
+    assert "skipped above L=16" in row["library_skipped"]
+    assert row["chunked"]["ms"] > 0 and row["sdpa"]["ms"] > 0
+
+
+def test_unknown_benchmark_exits_2_with_the_known_names():
+    proc = _bench("no-such-bench")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no-such-bench" in lines[0] and "attention" in lines[0]
