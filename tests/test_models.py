@@ -63,3 +63,22 @@ def test_sampling_uses_the_true_position_of_each_step():
         for t in range(ids.shape[1]):
             logits, state = twin.step(ids[:, t], t, state)
             assert torch.allclose(logits, full[:, t], atol=1e-5), t
+
+
+def test_sampling_past_the_trained_length_restarts_from_a_window():
+    """Beyond `context` positions the sampler restarts from the last context/2 tokens: greedy
+    output equals the parallel model applied to exactly those windows."""
+    model, tok = _tiny_lm(), ByteTokenizer()
+    context, prompt, new = 8, "abc", 20
+    got = sample(model, tok, [prompt], new, top_k=1, context=context)[0]
+
+    ids, start = tok.encode(prompt), 0
+    with torch.no_grad():
+        while len(ids) < len(tok.encode(prompt)) + new:
+            pos = len(ids) - 1
+            if pos - start >= context:
+                start = pos - context // 2
+            logits = model(torch.tensor([ids[start:]]))[0, -1]
+            ids.append(int(logits.argmax()))
+    assert got == tok.decode(ids[len(tok.encode(prompt)):])
+    assert got != sample(model, tok, [prompt], new, top_k=1)[0]  # the restart did something

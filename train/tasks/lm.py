@@ -18,6 +18,7 @@ class LanguageModelingTask:
     def __init__(self, config):
         self.config = config
         self.tokenizer = ByteTokenizer()
+        self.context_length = config.data.block_size  # positions the model is trained on
 
     def datasets(self):
         d = self.config.data
@@ -55,5 +56,5 @@ class LanguageModelingTask:
 
         generator = torch.Generator().manual_seed(self.config.seed + step)
         text = sample(model, self.tokenizer, [lm.sample_prompt], lm.sample_tokens,
-                      lm.sample_temperature, lm.sample_top_k, generator)[0]
+                      lm.sample_temperature, lm.sample_top_k, generator, self.context_length)[0]
         return {"sample": text}
