@@ -27,6 +27,15 @@ def test_overrides_are_typed_and_nested():
     assert config.wandb.tags == ["a", "b"]
 
 
+def test_yaml_boolean_words_stay_words(tmp_path):
+    assert load(LM_TINY, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load(LM_TINY, ["wandb.name=off"]).wandb.name == "off"
+    assert load(LM_TINY, ["data.pin_memory=true"]).data.pin_memory is True
+    unquoted = tmp_path / "c.yaml"
+    unquoted.write_text(LM_TINY.read_text().replace('mixed_precision: "no"', "mixed_precision: no"))
+    assert load(unquoted).mixed_precision == "no"
+
+
 def test_parse_overrides_builds_a_tree():
     assert parse_overrides(["a.b.c=1", "a.d=x", "e="]) == {"a": {"b": {"c": 1}, "d": "x"}, "e": ""}
 

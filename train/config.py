@@ -173,6 +173,11 @@ class RunConfig(Section):
     wandb: WandbConfig = WandbConfig()
     data: LoaderConfig = LoaderConfig()  # each task narrows this to its own data schema
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _unquoted_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
+
 
 class LMConfig(RunConfig):
     task: Literal["lm"]
@@ -207,6 +212,10 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
+# YAML 1.1 reads these as booleans; on the command line they are words (true/false stay bools).
+YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists."""
     tree: dict = {}
@@ -218,6 +227,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        if raw.strip().lower() in YAML11_BOOL_WORDS:  # `mixed_precision=no` means "no"
+            value = raw.strip()
         _set_dotted(tree, key, value)
     return tree
 
