@@ -100,3 +100,20 @@ def test_resume_from_an_explicit_bad_path_exits_2(tmp_path):
                       "max_steps=1", check=False)
     assert proc.returncode == 2 and LOOP_STATE in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_non_finite_steps_are_skipped_then_the_run_stops_with_exit_4(tmp_path):
+    """An absurd learning rate blows the weights up: the non-finite steps are not applied, and
+    after max_nonfinite_steps in a row the run stops, leaving its last good checkpoint."""
+    out = tmp_path / "run"
+    proc = run_module("train", LM_TINY, f"output_dir={out}", "max_steps=50", "checkpoint_every=1",
+                      "optim.lr=1e6", "optim.warmup_steps=0", "optim.grad_clip=0",
+                      "max_nonfinite_steps=3", *TINY, check=False)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "not finite for 3 steps in a row" in proc.stderr
+    last_good = complete_checkpoints(out)[-1]
+    assert f"last good checkpoint is {last_good}" in proc.stderr.replace("\n", " ")
+    from safetensors.torch import load_file
+    import torch
+
+    assert all(torch.isfinite(t).all() for t in load_file(last_good / "model.safetensors").values())

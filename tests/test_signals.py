@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,9 +56,19 @@ def _assert_same_run(resumed: Path, straight: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path):
+VISION_TINY = ROOT / "configs" / "vision_tiny.yaml"
+# Random augmentation on: resuming must restore the RNG it draws from too.
+VISION_ARGS = ["max_steps=60", "log_every=1", "eval_every=1000", "checkpoint_every=1000",
+               "wandb.mode=disabled", "progress_bar=false", "device=cpu", "model.name=resnet18",
+               "data.image_size=16", "data.batch_size=8", "data.max_train_samples=200",
+               "data.max_val_samples=20", "gradient_accumulation_steps=2"]
+
+
+@pytest.mark.parametrize("config, args", [(LM_TINY, ARGS), (VISION_TINY, VISION_ARGS)],
+                         ids=["lm", "vision"])
+def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path, config, args):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "train", str(LM_TINY), f"output_dir={out}", *ARGS]
+    cmd = [sys.executable, "-m", "train", str(config), f"output_dir={out}", *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     _wait_for_step(out, proc, 3)
@@ -68,10 +79,10 @@ def test_sigusr1_saves_and_exits_then_resume_finishes(tmp_path):
     assert stopped_at < 60
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{stopped_at:08d}"]
 
-    run_module("train", LM_TINY, f"output_dir={out}", *ARGS)
+    run_module("train", config, f"output_dir={out}", *args)
     assert _train_steps(out) == list(range(1, 61))
     straight = tmp_path / "straight"
-    run_module("train", LM_TINY, f"output_dir={straight}", *ARGS)
+    run_module("train", config, f"output_dir={straight}", *args)
     _assert_same_run(out, straight)
 
 
