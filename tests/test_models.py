@@ -1,5 +1,6 @@
 """Sequence models: the LSTM baseline's two views agree, and batched sampling is correct."""
 
+import pytest
 import torch
 
 from train.config import SequenceModelConfig
@@ -82,3 +83,39 @@ def test_sampling_past_the_trained_length_restarts_from_a_window():
             ids.append(int(logits.argmax()))
     assert got == tok.decode(ids[len(tok.encode(prompt)):])
     assert got != sample(model, tok, [prompt], new, top_k=1)[0]  # the restart did something
+
+
+def _lm_flops(**model):
+    from train.config import LMConfig
+    from train.tasks.lm import LanguageModelingTask
+
+    def flops(block_size):
+        config = LMConfig(task="lm", output_dir="unused", max_steps=1,
+                          data={"block_size": block_size},
+                          model={"d_model": 32, "n_layers": 2, "n_heads": 2, "d_ff": 64, **model})
+        task = LanguageModelingTask(config)
+        return task.flops_per_sample(task.model())
+    return flops
+
+
+def test_lm_flops_are_linear_in_length_for_linear_attention_only():
+    linear, full = _lm_flops(), _lm_flops(attention_type="full")
+    assert linear(256) == 2 * linear(128)  # O(L d^2) per sample of L tokens: exactly linear
+    assert full(256) > 2.1 * full(128)  # softmax attention adds an O(L^2 d) term
+    # 2 FLOPs per matmul weight per token, forward + backward = 3x: a lower bound.
+    model = TransformerLM(256, d_model=32, n_layers=2, n_heads=2, d_ff=64)
+    weights = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and n != "embed.weight")
+    assert linear(128) > 3 * 2 * weights * 128
+
+
+def test_vision_flops_come_from_torchs_counter():
+    """resnet18 at 224x224 is 1.82 GMACs forward (torchvision's published figure)."""
+    from train.config import ClassifyConfig
+    from train.tasks.classify import ImageClassificationTask
+
+    config = ClassifyConfig(task="classify", output_dir="unused", max_steps=1,
+                            data={"image_size": 224, "max_val_samples": 4})
+    task = ImageClassificationTask(config)
+    task.datasets()
+    flops = task.flops_per_sample(task.model())
+    assert flops == pytest.approx(3 * 2 * 1.82e9, rel=0.02)

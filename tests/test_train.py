@@ -38,6 +38,7 @@ def test_run_directory_holds_resolved_config_metrics_and_checkpoints(lm_run):
     for r in train_rows:
         assert math.isfinite(r["loss"]) and r["lr"] > 0 and r["grad_norm"] > 0
         assert r["tokens_per_s"] > 0 and 0 <= r["data_wait_frac"] < 1 and r["peak_mem_mb"] > 0
+        assert r["model_tflops_per_s"] > 0 and 0 < r["mfu"] < 2  # CPU peak: a measured matmul
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     evals = [r for r in rows if "val/bpb" in r]
     assert [r["step"] for r in evals] == [3, 6]

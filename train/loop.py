@@ -21,7 +21,7 @@ from accelerate.utils import send_to_device, set_seed
 from train import checkpoint
 from train.config import ConfigError, RunConfig, save as save_config, to_dict
 from train.data.loaders import batches_forever, eval_loader, train_loader
-from train.metrics import MetricsLogger, peak_memory_mb, wandb_mode
+from train.metrics import MetricsLogger, peak_flops, peak_memory_mb, wandb_mode
 from train.signals import StopFlag
 from train.tasks import build_task
 
@@ -106,6 +106,7 @@ def train(config: RunConfig) -> dict[str, float]:
     with accelerator.main_process_first():  # build the datasets cache once
         train_set, val_set = task.datasets()
     model = task.model()
+    flops_per_sample = task.flops_per_sample(model)
     optimizer = optimizer_for(model, config.optim)
     schedule = warmup_cosine(config.optim.warmup_steps, config.max_steps, config.optim.min_lr_ratio)
     # Not prepared: Accelerate would step it once per process. Its state travels in loop_state.
@@ -146,6 +147,7 @@ def train(config: RunConfig) -> dict[str, float]:
             local = Path(run.dir).parent
             where = run.url if mode == "online" else f"{local} (upload later: wandb sync {local})"
             print(f"W&B {mode} run {state['wandb_run_id']}: {where}", file=sys.stderr)
+    peak = peak_flops(accelerator.device, config.mixed_precision)
     metrics = MetricsLogger(accelerator, run_dir, config.max_steps, state["step"],
                             config.progress_bar)
     if resumed is not None:
@@ -226,6 +228,9 @@ def train(config: RunConfig) -> dict[str, float]:
                     "data_wait_frac": data_wait / elapsed, "fp16_skipped_steps": fp16_skipped,
                     "nonfinite_steps": state["nonfinite_steps"], "epoch": epoch,
                     "peak_mem_mb": peak_memory_mb(accelerator.device)}
+            last["model_tflops_per_s"] = flops_per_sample * last["samples_per_s"] / 1e12
+            if peak is not None:  # model FLOPs utilization, over every process's device
+                last["mfu"] = last["model_tflops_per_s"] * 1e12 / (peak * world)
             metrics.log(step, last)
             loss_sum, norm_sum, counters = zero.clone(), zero.clone(), {}
             data_wait, window_start, window_steps, good_steps = 0.0, time.perf_counter(), 0, 0

@@ -8,6 +8,7 @@ import netrc
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,38 @@ def wandb_mode(requested: str) -> str:
     except (FileNotFoundError, netrc.NetrcParseError):
         pass
     return "offline"
+
+
+# Dense peak TFLOP/s per device, from vendor datasheets, by name fragment and mixed_precision
+# ("no" = fp32 without TF32, PyTorch's default for matmuls). SXM parts; others are lower.
+PEAK_TFLOPS = {
+    "H200": {"bf16": 989.0, "fp16": 989.0, "no": 67.0},
+    "H100": {"bf16": 989.0, "fp16": 989.0, "no": 67.0},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "no": 19.5},
+    "L40S": {"bf16": 362.0, "fp16": 362.0, "no": 91.6},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "no": 30.3},
+}
+_measured: dict = {}
+
+
+def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
+    """FLOP/s one device can do at best: the datasheet for known GPUs; on CPU, a matmul
+    measured here in the training dtype (the rate this machine really reaches)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, table in PEAK_TFLOPS.items():
+            if fragment in name:
+                return table[mixed_precision] * 1e12
+        return None
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
+    if dtype not in _measured:
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        torch.matmul(a, b)  # warm-up
+        start, reps = time.perf_counter(), 8
+        for _ in range(reps):
+            torch.matmul(a, b)
+        _measured[dtype] = 2 * 1024**3 * reps / (time.perf_counter() - start)
+    return _measured[dtype]
 
 
 def peak_memory_mb(device: torch.device) -> float:

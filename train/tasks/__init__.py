@@ -25,6 +25,9 @@ class Task(Protocol):
         """Mean training loss of a batch, plus counters summed by the loop for throughput
         (e.g. {"tokens": ...}). Counters stay tensors: the loop reads them only when it logs."""
 
+    def flops_per_sample(self, model: nn.Module) -> float:
+        """Training FLOPs (forward + backward) of one sample, for MFU."""
+
     def eval_sums(self, model: nn.Module, batch) -> dict[str, torch.Tensor]:
         """Per-batch sums (e.g. summed loss and counts); the loop adds them over batches and
         ranks, so the result is exact whatever the sharding."""

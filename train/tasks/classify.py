@@ -65,6 +65,18 @@ class ImageClassificationTask:
                                                  m.freeze_backbone, m.channels_last)
         return model
 
+    def flops_per_sample(self, model) -> float:
+        """Counted by torch's FLOP counter on one validation image; training = 3x forward."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        image, _ = self.val_set[0]
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image.unsqueeze(0).to(next(model.parameters()).device))
+        model.train(was_training)
+        return 3.0 * counter.get_total_flops()
+
     def _logits(self, model, images: torch.Tensor) -> torch.Tensor:
         if self.config.model.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

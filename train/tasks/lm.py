@@ -27,6 +27,22 @@ class LanguageModelingTask:
     def model(self):
         return build_sequence_model(self.config.model, self.tokenizer.vocab_size)
 
+    def flops_per_sample(self, model) -> float:
+        """From the architecture: 2 FLOPs per matmul weight per token (embedding lookups are
+        not matmuls), plus attention. Causal-linear attention is O(L d^2): per layer and token,
+        K^T V into the running state and Q times the state, 2 * d_model * d_head each; softmax
+        attention ("full") is O(L^2 d) instead. Training = 3x forward."""
+        m, length = self.config.model, self.config.data.block_size
+        weights = sum(p.numel() for name, p in model.named_parameters()
+                      if p.ndim >= 2 and not name.startswith("embed"))
+        per_token = 2 * weights
+        if m.arch == "transformer":
+            if m.attention_type == "full":
+                per_token += m.n_layers * 2 * 2 * length * m.d_model  # Q K^T and A V
+            else:
+                per_token += m.n_layers * 2 * 2 * m.d_model * (m.d_model // m.n_heads)
+        return 3 * per_token * length
+
     def _nll(self, model, batch, reduction: str, label_smoothing: float = 0.0):
         logits = model(batch["input_ids"])
         labels = batch["labels"]
