@@ -139,3 +139,16 @@ def test_single_process_harness_runs_on_gloo(gloo_world, monkeypatch):
     batch["labels"][0, :5] = -100
     results = evaluate(accelerator, task, model, [batch, batch], None)
     assert results["val/tokens"] == 2 * (3 * 32 - 5)
+
+
+def test_compiled_model_trains_and_checkpoints_plain_weights(tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "compiled"
+    run_module("train", LM_TINY, f"output_dir={out}", "compile=true", "max_steps=4",
+               "log_every=2", "eval_every=4", "wandb.mode=disabled", *TINY)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+    weights = load_file(out / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert weights and not any("_orig_mod" in k for k in weights)  # loadable without compile

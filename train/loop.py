@@ -96,6 +96,7 @@ def train(config: RunConfig) -> dict[str, float]:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=None if mode == "disabled" else "wandb",
+            dynamo_backend="inductor" if config.compile else "no",
         )
     except ValueError as exc:  # e.g. fp16 requested where the device cannot do it
         raise ConfigError(f"mixed_precision={config.mixed_precision!r}: {exc}") from None
