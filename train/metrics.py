@@ -53,7 +53,8 @@ def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
         return None
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     if dtype not in _measured:
-        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        own = torch.Generator().manual_seed(0)  # never draw from (and shift) the training RNG
+        a, b = (torch.randn(1024, 1024, generator=own).to(dtype) for _ in range(2))
         torch.matmul(a, b)  # warm-up
         start, reps = time.perf_counter(), 8
         for _ in range(reps):
