@@ -206,7 +206,9 @@ def train(config: RunConfig) -> dict[str, float]:
         state["nonfinite_steps"] += bad
         bad_in_a_row = bad_in_a_row + 1 if bad else 0
         if bad_in_a_row >= config.max_nonfinite_steps:
+            stop.restore()
             metrics.close()
+            accelerator.end_training()  # the W&B run is closed, not left dangling
             raise Diverged(f"loss or gradient norm not finite for {bad_in_a_row} steps in a row "
                            f"(step {step}); the last good checkpoint is "
                            f"{checkpoint.latest_checkpoint(run_dir)}. Lower optim.lr, set "
