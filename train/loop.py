@@ -61,9 +61,11 @@ def evaluate(accelerator, task, model, loader, max_batches: int | None) -> dict[
         for key, value in batch_sums.items():
             sums[key] = sums.get(key, 0) + value.detach().double()
     keys = sorted(sums)  # same keys on every rank: each has at least one batch (checked in train)
-    total = accelerator.reduce(torch.stack([sums[k] for k in keys]), reduction="sum")
+    # One reduce for all sums; a sum may be a vector (e.g. per-class counts).
+    flat = accelerator.reduce(torch.cat([sums[k].reshape(-1) for k in keys]), reduction="sum")
+    totals = dict(zip(keys, flat.split([sums[k].numel() for k in keys])))
     model.train()
-    return task.eval_metrics({k: v.item() for k, v in zip(keys, total)})
+    return task.eval_metrics({k: totals[k].reshape(sums[k].shape).tolist() for k in keys})
 
 
 def sync_buffers(accelerator, model) -> None:
@@ -120,7 +122,8 @@ def train(config: RunConfig) -> dict[str, float]:
         raise ConfigError(f"the validation set has {len(val_set)} samples, fewer than the {world} "
                           "processes; raise data.val_fraction or use fewer processes")
     train_dl = train_loader(train_set, data.batch_size, world, rank, config.seed,
-                            data.num_workers, data.pin_memory, task.collate_fn)
+                            data.num_workers, data.pin_memory, task.collate_fn,
+                            task.length_grouping)
     val_dl = eval_loader(val_set, data.eval_batch_size, world, rank, data.num_workers,
                          data.pin_memory, task.collate_fn)
 

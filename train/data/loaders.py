@@ -43,11 +43,13 @@ class ResumableDistributedSampler(DistributedSampler):
         super().set_epoch(epoch)
         self.skip = skip
 
-    def _remaining(self) -> list[int]:
+    def _epoch_order(self) -> list[int]:
         generator = torch.Generator()
         generator.manual_seed(self.seed + self.epoch)  # the same order DistributedSampler uses
-        order = torch.randperm(len(self.dataset), generator=generator).tolist()
-        rest = order[: self.total_size][self.skip:]
+        return torch.randperm(len(self.dataset), generator=generator).tolist()
+
+    def _remaining(self) -> list[int]:
+        rest = self._epoch_order()[: self.total_size][self.skip:]
         return rest[: len(rest) - len(rest) % self.num_replicas]  # equal shares: no rank waits
 
     def __iter__(self) -> Iterator[int]:
@@ -57,10 +59,34 @@ class ResumableDistributedSampler(DistributedSampler):
         return len(self._remaining()) // self.num_replicas
 
 
+class LengthGroupedSampler(ResumableDistributedSampler):
+    """Cuts padding: within each window of `window` consecutive positions of the epoch's
+    permutation, samples are sorted by length, so a batch (consecutive positions, dealt
+    round-robin to the ranks) holds similar lengths. The windows stay in random order, and the
+    order does not depend on the number of processes, so resuming stays exact on any world size.
+    """
+
+    def __init__(self, dataset: Dataset, lengths: list[int], window: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        if len(lengths) != len(dataset):
+            raise ValueError(f"{len(lengths)} lengths for {len(dataset)} samples")
+        self.lengths, self.window = lengths, window
+
+    def _epoch_order(self) -> list[int]:
+        order = super()._epoch_order()
+        return [i for start in range(0, len(order), self.window)
+                for i in sorted(order[start:start + self.window], key=self.lengths.__getitem__)]
+
+
 def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int,
-                 num_workers: int = 0, pin_memory: bool = False, collate_fn=None) -> DataLoader:
-    sampler = ResumableDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=True)
+                 num_workers: int = 0, pin_memory: bool = False, collate_fn=None,
+                 length_grouping: tuple[list[int], int] | None = None) -> DataLoader:
+    """`length_grouping` = (length of each sample, window) turns on length-grouped batches."""
+    kwargs = dict(num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    if length_grouping is not None and length_grouping[1] > 1:
+        sampler = LengthGroupedSampler(dataset, *length_grouping, **kwargs)
+    else:
+        sampler = ResumableDistributedSampler(dataset, **kwargs)
     if len(sampler) < batch_size:
         raise ConfigError(
             f"the training set has {len(dataset)} samples, fewer than one batch per process "

@@ -15,6 +15,9 @@ from torch.utils.data import Dataset
 
 class Task(Protocol):
     collate_fn: Any  # passed to the DataLoaders; None = torch's default collate
+    # (length of each training sample, window) for length-grouped batches that cut padding;
+    # None = a plain shuffle. Set by datasets().
+    length_grouping: tuple[list[int], int] | None
 
     def datasets(self) -> tuple[Dataset, Dataset]:
         """(train, validation). Called on the main process first, so caches are built once."""
@@ -48,4 +51,12 @@ def build_task(config) -> Task:
         from train.tasks.classify import ImageClassificationTask
 
         return ImageClassificationTask(config)
+    if config.task == "seq2seq":
+        from train.tasks.seq2seq import Seq2SeqTask
+
+        return Seq2SeqTask(config)
+    if config.task == "text_classify":
+        from train.tasks.text_classify import TextClassificationTask
+
+        return TextClassificationTask(config)
     raise ValueError(f"unknown task {config.task!r}")

@@ -15,6 +15,7 @@ DEFAULT_IMAGE_SIZE = 224
 
 class ImageClassificationTask:
     collate_fn = None  # items are (CHW float tensor, int label): the default collate stacks them
+    length_grouping = None
 
     def __init__(self, config):
         self.config = config

@@ -9,11 +9,13 @@ from torch.nn import functional as F
 
 from train.data.text import IGNORE_INDEX, lm_datasets
 from train.data.tokenizer import ByteTokenizer
-from train.models.sequence import build_sequence_model
+from train.models.sequence import (attention_flops_per_token, build_sequence_model,
+                                  weight_flops_per_token)
 
 
 class LanguageModelingTask:
     collate_fn = None
+    length_grouping = None
 
     def __init__(self, config):
         self.config = config
@@ -28,19 +30,13 @@ class LanguageModelingTask:
         return build_sequence_model(self.config.model, self.tokenizer.vocab_size)
 
     def flops_per_sample(self, model) -> float:
-        """From the architecture: 2 FLOPs per matmul weight per token (embedding lookups are
-        not matmuls), plus attention. Causal-linear attention is O(L d^2): per layer and token,
-        K^T V into the running state and Q times the state, 2 * d_model * d_head each; softmax
-        attention ("full") is O(L^2 d) instead. Training = 3x forward."""
+        """From the architecture (weights + attention per token, see the helpers' notes);
+        causal-linear attention is O(L d^2), not softmax's O(L^2 d). Training = 3x forward."""
         m, length = self.config.model, self.config.data.block_size
-        weights = sum(p.numel() for name, p in model.named_parameters()
-                      if p.ndim >= 2 and not name.startswith("embed"))
-        per_token = 2 * weights
+        per_token = weight_flops_per_token(model)
         if m.arch == "transformer":
-            if m.attention_type == "full":
-                per_token += m.n_layers * 2 * 2 * length * m.d_model  # Q K^T and A V
-            else:
-                per_token += m.n_layers * 2 * 2 * m.d_model * (m.d_model // m.n_heads)
+            per_token += m.n_layers * attention_flops_per_token(m.attention_type, length,
+                                                                m.d_model, m.n_heads)
         return 3 * per_token * length
 
     def _nll(self, model, batch, reduction: str, label_smoothing: float = 0.0):
