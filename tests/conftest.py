@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +66,27 @@ def gloo_world():
     yield dist.group.WORLD
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def single_process_metrics(run: Path) -> dict:
+    """The run's latest checkpoint evaluated by one process over the whole validation set."""
+    from train.checkpoint import latest_checkpoint, load_model_weights
+    from train.config import validate
+    from train.data.loaders import eval_loader
+    from train.tasks import build_task
+
+    config = validate(yaml.safe_load((run / "config.yaml").read_text()))
+    task = build_task(config)
+    _, val_set = task.datasets()
+    model = task.model()
+    model.load_state_dict(load_model_weights(latest_checkpoint(run)))
+    model.eval()
+    sums = {}
+    with torch.no_grad():
+        for batch in eval_loader(val_set, 32, 1, 0, collate_fn=task.collate_fn):
+            for key, value in task.eval_sums(model, batch).items():
+                sums[key] = sums.get(key, 0) + value.double()
+    return task.eval_metrics({k: v.tolist() for k, v in sums.items()})
 
 
 def read_wandb_run(run_dir: Path) -> dict:

@@ -1,7 +1,5 @@
 """The config contract: typed keys, dotted overrides, one clear line + exit 2 on bad input."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 

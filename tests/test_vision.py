@@ -15,11 +15,10 @@ from PIL import Image
 from torch.nn import functional as F
 from torchvision.models import ResNet18_Weights, get_model
 
-from tests.conftest import ROOT, cli_env, read_jsonl, run_module, run_torchrun
-from train.checkpoint import latest_checkpoint, load_model_weights
+from tests.conftest import (ROOT, cli_env, read_jsonl, run_module, run_torchrun,
+                            single_process_metrics)
 from train.config import ConfigError, VisionDataConfig, validate
 from train.data.images import load_image_splits
-from train.data.loaders import eval_loader
 from train.models.vision import (build_classifier, drop_aux_heads, find_classifier,
                                  read_state_dict, replace_classifier)
 from train.tasks.classify import ImageClassificationTask
@@ -295,19 +294,7 @@ def test_two_ranks_top1_is_exact_on_an_odd_validation_set(tmp_path, name):
     logged = [r for r in read_jsonl(run / "metrics.jsonl") if "val/top1" in r][-1]
     assert logged["val/count"] == 101  # 51 + 50 samples, none padded or counted twice
 
-    # The same checkpoint evaluated by one process over the whole set.
-    config = validate(yaml.safe_load((run / "config.yaml").read_text()))
-    task = ImageClassificationTask(config)
-    _, val_set = task.datasets()
-    model = task.model()
-    model.load_state_dict(load_model_weights(latest_checkpoint(run)))
-    model.eval()
-    sums: dict[str, float] = {}
-    with torch.no_grad():
-        for batch in eval_loader(val_set, 32, 1, 0):
-            for key, value in task.eval_sums(model, batch).items():
-                sums[key] = sums.get(key, 0.0) + value.double().item()
-    single = task.eval_metrics(sums)
+    single = single_process_metrics(run)  # the same checkpoint, one process, the whole set
     assert single["val/count"] == 101
     assert single["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
     assert single["val/top1"] == logged["val/top1"] and single["val/top5"] == logged["val/top5"]

@@ -61,13 +61,34 @@ class TextDataConfig(LoaderConfig):
     val_fraction: float = Field(0.05, gt=0, lt=1)
 
 
-class SequenceModelConfig(Section):
+def _check_registered(name: str, known: list[str], what: str) -> str:
+    if name not in known:
+        hint = difflib.get_close_matches(name, known, n=3)
+        raise ValueError(f"unknown {what} {name!r}"
+                         + (f"; did you mean {', '.join(hint)}?" if hint else f"; known: {', '.join(known)}"))
+    return name
+
+
+class EncoderConfig(Section):
+    d_model: int = Field(128, ge=8)
+    n_heads: int = Field(4, ge=1)
+    d_ff: int = Field(512, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+    @field_validator("n_heads")
+    @classmethod
+    def _heads_divide_width(cls, n_heads: int, info) -> int:
+        d_model = info.data.get("d_model")
+        if d_model is not None and d_model % n_heads:
+            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
+        return n_heads
+
+
+class SequenceModelConfig(EncoderConfig):
     arch: Literal["transformer", "lstm"] = "transformer"
     d_model: int = Field(256, ge=8)
     n_layers: int = Field(4, ge=1)
-    n_heads: int = Field(4, ge=1)
     d_ff: int = Field(1024, ge=1)
-    dropout: float = Field(0.0, ge=0, lt=1)
     # Any attention registered in fast-transformers' AttentionRegistry that supports a causal mask.
     attention_type: str = "chunked-causal-linear"
     attention_chunk_size: int = Field(64, ge=1)
@@ -77,22 +98,7 @@ class SequenceModelConfig(Section):
     def _known_attention(cls, name: str) -> str:
         from train.models.attention import registered_attention_types
 
-        known = registered_attention_types()
-        if name not in known:
-            hint = difflib.get_close_matches(name, known, n=3)
-            raise ValueError(
-                f"unknown attention type {name!r}"
-                + (f"; did you mean {', '.join(hint)}?" if hint else f"; known: {', '.join(known)}")
-            )
-        return name
-
-    @field_validator("n_heads")
-    @classmethod
-    def _heads_divide_width(cls, n_heads: int, info) -> int:
-        d_model = info.data.get("d_model")
-        if d_model is not None and d_model % n_heads:
-            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
-        return n_heads
+        return _check_registered(name, registered_attention_types(), "attention type")
 
 
 class LMTaskConfig(Section):
@@ -146,6 +152,86 @@ class VisionModelConfig(Section):
         return weights if name is None else check_weights(name, weights)
 
 
+class PaddedDataConfig(LoaderConfig):
+    """Variable-length token sequences, padded per batch."""
+
+    tokenizer: str = Field("byte", description="'byte' or the path of a Hugging Face tokenizer.json")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="for sources without a val split")
+    builtin_examples: int = Field(20000, ge=10, description="examples made for a builtin: source")
+    # Training samples per window sorted by length (less padding); 0 or 1: a plain shuffle.
+    length_window: int = Field(1024, ge=0)
+
+
+class PairDataConfig(PaddedDataConfig):
+    # `builtin:sort` / `builtin:reverse` (lowercase strings) / `builtin:add` ("12+345" -> "357"),
+    # made on the fly; a local .jsonl/.json/.csv/.parquet file or directory; or a hub dataset.
+    source: str = "builtin:sort"
+    source_column: str = "source"
+    target_column: str = "target"
+    max_source_length: int = Field(256, ge=1, description="tokens; longer sources are cut")
+    max_target_length: int = Field(256, ge=2, description="tokens incl. EOS; also the decode cap")
+
+
+class LabelledTextDataConfig(PaddedDataConfig):
+    # `builtin:majority` (which of a/b/c occurs most in a string), a local file or directory,
+    # or a hub dataset with a text and a label column (integer, ClassLabel or string labels).
+    source: str = "builtin:majority"
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(512, ge=1, description="tokens; longer texts are cut")
+
+
+class Seq2SeqModelConfig(EncoderConfig):
+    n_encoder_layers: int = Field(2, ge=1)
+    n_decoder_layers: int = Field(2, ge=1)
+    # Source encoder: any non-causal attention in fast-transformers' AttentionRegistry.
+    encoder_attention_type: str = "linear"
+    # Decoder self-attention: causal, with a recurrent form for decoding.
+    self_attention_type: str = "chunked-causal-linear"
+    # Decoder cross attention: with a recurrent cross form (linear or full).
+    cross_attention_type: str = "linear"
+    attention_chunk_size: int = Field(64, ge=1)
+
+    @field_validator("encoder_attention_type")
+    @classmethod
+    def _known_encoder(cls, name: str) -> str:
+        from train.models.attention import registered_encoder_attention_types
+
+        return _check_registered(name, registered_encoder_attention_types(), "attention type")
+
+    @field_validator("self_attention_type")
+    @classmethod
+    def _known_self(cls, name: str) -> str:
+        from train.models.attention import registered_attention_types
+
+        return _check_registered(name, registered_attention_types(), "attention type")
+
+    @field_validator("cross_attention_type")
+    @classmethod
+    def _known_cross(cls, name: str) -> str:
+        from train.models.attention import registered_cross_attention_types
+
+        return _check_registered(name, registered_cross_attention_types(), "cross attention type")
+
+
+class Seq2SeqTaskConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    decode_examples: int = Field(8, ge=0, description="decoded val examples logged as a table")
+
+
+class TextClassifierConfig(EncoderConfig):
+    n_layers: int = Field(2, ge=1)
+    attention_type: str = "linear"
+    num_classes: int | None = Field(None, ge=2, description="None: the classes found in the data")
+
+    @field_validator("attention_type")
+    @classmethod
+    def _known_attention(cls, name: str) -> str:
+        from train.models.attention import registered_encoder_attention_types
+
+        return _check_registered(name, registered_encoder_attention_types(), "attention type")
+
+
 class RunConfig(Section):
     """Keys shared by every task."""
 
@@ -197,8 +283,24 @@ class ClassifyConfig(RunConfig):
     example_images: int = Field(16, ge=0, description="validation images logged as a grid; 0: none")
 
 
+class Seq2SeqConfig(RunConfig):
+    task: Literal["seq2seq"]
+    data: PairDataConfig = PairDataConfig()
+    model: Seq2SeqModelConfig = Seq2SeqModelConfig()
+    seq2seq: Seq2SeqTaskConfig = Seq2SeqTaskConfig()
+
+
+class TextClassifyConfig(RunConfig):
+    task: Literal["text_classify"]
+    data: LabelledTextDataConfig = LabelledTextDataConfig()
+    model: TextClassifierConfig = TextClassifierConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
 # One schema per task; `task:` picks it.
-CONFIG_BY_TASK: dict[str, type[RunConfig]] = {"lm": LMConfig, "classify": ClassifyConfig}
+CONFIG_BY_TASK: dict[str, type[RunConfig]] = {"lm": LMConfig, "classify": ClassifyConfig,
+                                              "seq2seq": Seq2SeqConfig,
+                                              "text_classify": TextClassifyConfig}
 TASK_NAMES = tuple(CONFIG_BY_TASK)
 
 

@@ -1,9 +1,13 @@
 """Sample from a trained sequence model with its recurrent (O(1) per token) twin.
 
     python -m train.generate RUN_DIR --prompt TEXT --max-new-tokens N \
-        [--temperature T] [--top-k K] [--seed S] [--num-samples B]
+        [--temperature T] [--top-k K] [--seed S] [--num-samples B]      (language models)
+    python -m train.generate RUN_DIR --source TEXT [--source TEXT ...] \
+        [--temperature T] [--top-k K] [--seed S] [--num-samples B]      (seq2seq)
 
-Loads RUN_DIR's latest checkpoint on CPU, whatever device trained it.
+A seq2seq run prints one `source<TAB>output` line per source (and sample); its decoding is
+greedy unless --temperature is given. Loads RUN_DIR's latest checkpoint on CPU, whatever device
+trained it.
 """
 
 from __future__ import annotations
@@ -72,9 +76,9 @@ def load_run(run_dir: Path):
     if latest is None:
         raise ConfigError(f"{run_dir} has no complete, intact checkpoint under checkpoints/")
     task = build_task(config)
-    if not hasattr(task, "tokenizer"):
+    if config.task not in ("lm", "seq2seq"):
         raise ConfigError(f"{run_dir} trained a {config.task!r} model; generation needs a "
-                          "sequence model")
+                          "language model or a seq2seq model")
     model = task.model()
     model.load_state_dict(checkpoint.load_model_weights(latest), strict=True)
     return task, model.eval(), latest
@@ -86,24 +90,50 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--prompt", default="", help="language models: the text to continue")
+    parser.add_argument("--source", action="append", default=[],
+                        help="seq2seq: a source text to decode (repeat for a batch)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: 200 (LM), data.max_target_length (seq2seq)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="default: 1.0 (LM), greedy (seq2seq)")
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1 or args.temperature <= 0 or args.top_k < 0 or args.num_samples < 1:
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.top_k < 0 \
+            or args.num_samples < 1 or (args.temperature is not None and args.temperature <= 0):
         parser.error("need --max-new-tokens >= 1, --temperature > 0, --top-k >= 0, "
                      "--num-samples >= 1")
     try:
         task, model, latest = load_run(args.run_dir)
+        if task.config.task == "seq2seq" and (not args.source or not all(args.source)):
+            raise ConfigError("a seq2seq run decodes source texts: pass --source TEXT "
+                              "(non-empty, repeatable)")
+        if task.config.task != "seq2seq" and args.source:
+            raise ConfigError("--source is for seq2seq runs; continue a text with --prompt")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     generator = torch.Generator().manual_seed(args.seed)
-    texts = sample(model, task.tokenizer, [args.prompt] * args.num_samples, args.max_new_tokens,
-                   args.temperature, args.top_k, generator, task.context_length)
+    if task.config.task == "seq2seq":
+        from train.tasks.seq2seq import decode_texts
+
+        sources = [s for s in args.source for _ in range(args.num_samples)]
+        try:
+            outputs = decode_texts(task, model, sources,
+                                   args.max_new_tokens or task.config.data.max_target_length,
+                                   args.temperature or 0.0, args.top_k, generator)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        print(f"# {latest}", file=sys.stderr)
+        for source, output in zip(sources, outputs):
+            print(f"{source}\t{output}")
+        return 0
+    texts = sample(model, task.tokenizer, [args.prompt] * args.num_samples,
+                   args.max_new_tokens or 200, args.temperature or 1.0, args.top_k, generator,
+                   task.context_length)
     print(f"# {latest}", file=sys.stderr)
     for text in texts:
         print(args.prompt + text)

@@ -45,11 +45,12 @@ def builtin_text(name: str) -> Path:
     return path
 
 
-def load_raw(source: str) -> datasets.Dataset:
-    """A single-split dataset of raw rows from a builtin name, local file/dir, or hub name."""
+def load_raw(source: str, split: str | None = "train"):
+    """Raw rows from a builtin name, local file/dir, or hub name: one split as a Dataset, or
+    with split=None every split as a DatasetDict (local files hold one split, "train")."""
     if source.startswith(BUILTIN_PREFIX):
         return datasets.load_dataset("text", data_files=str(builtin_text(source[len(BUILTIN_PREFIX):])),
-                                     split="train")
+                                     split=split)
     path = Path(source).expanduser()
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -58,11 +59,11 @@ def load_raw(source: str) -> datasets.Dataset:
             raise ConfigError(
                 f"data.source={source!r}: expected files of one kind among "
                 f"{', '.join(sorted(FILE_BUILDERS))}; found {sorted({p.suffix for p in files})}")
-        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split=split)
     if path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")):
         raise ConfigError(f"data.source={source!r}: no such file or directory")
     try:  # anything else is a Hugging Face hub dataset name
-        return datasets.load_dataset(source, split="train")
+        return datasets.load_dataset(source, split=split)
     except Exception as exc:  # datasets raises many types (not found, offline, gated, ...)
         raise ConfigError(f"data.source={source!r} is neither a local path nor a loadable hub "
                          f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None

@@ -29,7 +29,11 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.functional.pad(enc, (0, dim - 2 * half))
 
 
-class _FP32Attention(nn.Module):
+# The library's compiled causal-linear kernel runs in fp32 only.
+FP32_ONLY_ATTENTION = {"causal-linear"}
+
+
+class FP32Attention(nn.Module):
     """Runs an inner attention in fp32 with autocast off (for the library's fp32-only
     causal-linear kernel under AMP)."""
 
@@ -47,8 +51,6 @@ class _FP32Attention(nn.Module):
 class TransformerLM(nn.Module):
     """Token embedding + sinusoidal positions + fast-transformers encoder (causal mask) + head."""
 
-    FP32_ONLY_ATTENTION = {"causal-linear"}
-
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
                  d_ff: int = 1024, dropout: float = 0.0,
                  attention_type: str = "chunked-causal-linear", attention_chunk_size: int = 64):
@@ -61,9 +63,9 @@ class TransformerLM(nn.Module):
         self.encoder = TransformerEncoderBuilder.from_kwargs(
             **self._builder_kwargs(), **self._parallel_only_kwargs()).get()
         self.head = nn.Linear(d_model, vocab_size)
-        if attention_type in self.FP32_ONLY_ATTENTION:
+        if attention_type in FP32_ONLY_ATTENTION:
             for layer in self.encoder.layers:
-                layer.attention.inner_attention = _FP32Attention(layer.attention.inner_attention)
+                layer.attention.inner_attention = FP32Attention(layer.attention.inner_attention)
 
     def _builder_kwargs(self) -> dict:
         h = self.hparams
@@ -109,6 +111,23 @@ class RecurrentTransformerLM(nn.Module):
         x = self.embed(tokens) + sinusoidal_positions(pos, self.embed.embedding_dim)
         h, state = self.encoder(x, state=state)
         return self.head(h), state
+
+
+def weight_flops_per_token(model: nn.Module, skip: tuple[str, ...] = ("embed",)) -> int:
+    """2 FLOPs per matmul weight per token (multiply + add), over the parameters whose names do
+    not start with `skip`. Embedding lookups are not matmuls."""
+    return 2 * sum(p.numel() for name, p in model.named_parameters()
+                   if p.ndim >= 2 and not name.startswith(skip))
+
+
+def attention_flops_per_token(attention_type: str, length: float, d_model: int,
+                              n_heads: int) -> float:
+    """One attention layer, per token: softmax attention ("full") is O(L d), the scores and the
+    weighted sum of L values; linear attention is O(d^2 / heads), folding the key into the
+    key-value state and reading the state with the query."""
+    if attention_type == "full":
+        return 2 * 2 * length * d_model
+    return 2 * 2 * d_model * (d_model // n_heads)
 
 
 class LSTMLM(nn.Module):
