@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun, single_process_metrics
-from train.config import load
+from train.config import ConfigError, load
 from train.data.loaders import LengthGroupedSampler, ResumableDistributedSampler
 from train.data.padded import PadPairs, pair_datasets
 from train.data.tokenizer import ByteTokenizer, build_tokenizer
@@ -272,3 +272,26 @@ def test_bad_seq2seq_input_exits_2_naming_the_key(tmp_path, override, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_labelled_texts_from_local_files_number_string_labels(tmp_path):
+    from train.data.padded import PadTexts, labelled_text_datasets
+
+    rows = [("good film", "pos"), ("bad film", "neg"), ("fine", "meh")] * 10
+    (tmp_path / "reviews.csv").write_text(
+        "review,sentiment\n" + "".join(f"{t},{label}\n" for t, label in rows))
+    config = load(TEXT_CLASSIFY, ["output_dir=/tmp/x", f"data.source={tmp_path / 'reviews.csv'}",
+                                  "data.text_column=review", "data.label_column=sentiment",
+                                  "data.val_fraction=0.2"])
+    tokenizer = build_tokenizer("byte", specials=True)
+    train, val, classes = labelled_text_datasets(config.data, tokenizer, seed=0)
+    assert classes == ["meh", "neg", "pos"] and (len(train), len(val)) == (24, 6)
+    names = {tokenizer.decode(r["ids"]): classes[r["label"]] for r in train}
+    assert names == {"good film": "pos", "bad film": "neg", "fine": "meh"}
+    batch = PadTexts(tokenizer.pad_id)([train[0], train[1]])
+    assert batch["ids"].shape == (2, int(batch["lengths"].max()))
+
+    bad = load(TEXT_CLASSIFY, ["output_dir=/tmp/x", f"data.source={tmp_path / 'reviews.csv'}",
+                               "data.text_column=review", "data.label_column=stars"])
+    with pytest.raises(ConfigError, match="data.label_column='stars' is not a column"):
+        labelled_text_datasets(bad.data, tokenizer, seed=0)
