@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun, single_process_metrics
 from train.config import ConfigError, load
@@ -295,3 +296,41 @@ def test_labelled_texts_from_local_files_number_string_labels(tmp_path):
                                "data.text_column=review", "data.label_column=stars"])
     with pytest.raises(ConfigError, match="data.label_column='stars' is not a column"):
         labelled_text_datasets(bad.data, tokenizer, seed=0)
+
+
+class DeviceReads(TorchDispatchMode):
+    """Records every op that copies a tensor's value to the host (`.item()`, `bool(t)`)."""
+
+    READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default}
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.reads.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["chunked-causal-linear", "full"])
+def test_forward_and_backward_never_wait_for_the_device(attention):
+    """The library's LengthMask and FullMask read `all_ones` back from the device; the models'
+    own masks know it up front, so a training step can run ahead of a GPU."""
+    from fast_transformers.masking import LengthMask
+
+    other = "full" if attention == "full" else "linear"  # encoder and cross attention
+    kinds = dict(self_attention_type=attention, encoder_attention_type=other,
+                 cross_attention_type=other)
+    seq2seq = Seq2SeqTransformer(VOCAB, 32, 1, 1, 4, 64, **kinds)
+    classifier = SequenceClassifier(VOCAB, 3, 32, 1, 4, 64, attention_type=other)
+    source, lengths = padded_batch([9, 3, 5], 9)
+    target, _ = padded_batch([7] * 3, 7, seed=1)
+    with DeviceReads() as probe:
+        LengthMask(lengths)  # the probe sees a read when there is one
+    assert probe.reads
+    seq2seq(source, lengths, target)  # makes the causal mask of this length, once
+    with DeviceReads() as probe:
+        seq2seq(source, lengths, target).sum().backward()
+        classifier(source, lengths).sum().backward()
+    assert probe.reads == []

@@ -18,14 +18,9 @@ from torch import nn
 
 from fast_transformers.builders import (RecurrentDecoderBuilder, TransformerDecoderBuilder,
                                         TransformerEncoderBuilder)
-from fast_transformers.masking import LengthMask, TriangularCausalMask
-
 from train.models.attention import NAME as CHUNKED
+from train.models.masks import PaddingMask, causal_mask, full_mask, no_padding_mask
 from train.models.sequence import FP32_ONLY_ATTENTION, FP32Attention, sinusoidal_positions
-
-
-def length_mask(lengths: torch.Tensor, max_len: int) -> LengthMask:
-    return LengthMask(lengths, max_len=max_len, device=lengths.device)
 
 
 def _layer_kwargs(d_model: int, n_heads: int, d_ff: int, dropout: float) -> dict:
@@ -77,17 +72,21 @@ class Seq2SeqTransformer(nn.Module):
 
     def encode(self, source: torch.Tensor, source_lengths: torch.Tensor):
         """(N, S) padded source ids, (N,) lengths -> memory (N, S, E) and its LengthMask."""
-        mask = length_mask(source_lengths, source.shape[1])
-        positions = torch.arange(source.shape[1], device=source.device)
-        return self.encoder(self.embed(source, positions), length_mask=mask), mask
+        length = source.shape[1]
+        mask = PaddingMask(source_lengths, length)
+        x = self.embed(source, torch.arange(length, device=source.device))
+        return self.encoder(x, attn_mask=full_mask(length, length, source.device),
+                            length_mask=mask), mask
 
     def forward(self, source, source_lengths, target_in) -> torch.Tensor:
         """Teacher forcing: logits (N, T, V) for target_in = [BOS, y1, ..., y_{T-1}]. Target
         padding needs no mask: it sits after every real position, which cannot see it."""
         memory, memory_mask = self.encode(source, source_lengths)
-        length = target_in.shape[1]
-        x = self.embed(target_in, torch.arange(length, device=target_in.device))
-        h = self.decoder(x, memory, x_mask=TriangularCausalMask(length, device=x.device),
+        (n, length), device = target_in.shape, target_in.device
+        x = self.embed(target_in, torch.arange(length, device=device))
+        h = self.decoder(x, memory, x_mask=causal_mask(length, device),
+                         x_length_mask=no_padding_mask(n, length, device),
+                         memory_mask=full_mask(length, memory.shape[1], device),
                          memory_length_mask=memory_mask)
         return self.head(h)
 
@@ -166,9 +165,10 @@ class SequenceClassifier(nn.Module):
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        mask = length_mask(lengths, ids.shape[1])
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        h = self.encoder(self.embed(ids, positions), length_mask=mask)
+        length = ids.shape[1]
+        mask = PaddingMask(lengths, length)
+        x = self.embed(ids, torch.arange(length, device=ids.device))
+        h = self.encoder(x, attn_mask=full_mask(length, length, ids.device), length_mask=mask)
         keep = mask.float_matrix.to(h.dtype).unsqueeze(-1)  # (N, L, 1): 1 real, 0 padding
         pooled = (h * keep).sum(1) / lengths.clamp(min=1).unsqueeze(-1).to(h.dtype)
         return self.head(pooled)
