@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
-from fast_transformers.masking import TriangularCausalMask
+from fast_transformers.masking import LengthMask, TriangularCausalMask
 
 import train.models.attention  # noqa: F401  (registers chunked-causal-linear)
 
@@ -61,6 +61,7 @@ class TransformerLM(nn.Module):
         self.encoder = TransformerEncoderBuilder.from_kwargs(
             **self._builder_kwargs(), **self._parallel_only_kwargs()).get()
         self.head = nn.Linear(d_model, vocab_size)
+        self._masks: dict[tuple, tuple] = {}  # (batch, length, device) -> masks; see masks()
         if attention_type in self.FP32_ONLY_ATTENTION:
             for layer in self.encoder.layers:
                 layer.attention.inner_attention = _FP32Attention(layer.attention.inner_attention)
@@ -82,8 +83,21 @@ class TransformerLM(nn.Module):
         n, length = input_ids.shape
         positions = torch.arange(length, device=input_ids.device)
         x = self.embed(input_ids) + sinusoidal_positions(positions, self.embed.embedding_dim)
-        mask = TriangularCausalMask(length, device=input_ids.device)
-        return self.head(self.encoder(x, attn_mask=mask))
+        causal, lengths = self.masks(n, length, input_ids.device)
+        return self.head(self.encoder(x, attn_mask=causal, length_mask=lengths))
+
+    def masks(self, batch: int, length: int, device: torch.device):
+        """The causal mask and the (all full-length) length mask of a batch shape, made once per
+        shape: making one reads a value back from the device (fast-transformers computes its
+        `all_ones` with `.item()`), which would make every forward wait for the GPU."""
+        key = (batch, length, device)
+        if key not in self._masks:
+            if len(self._masks) >= 8:  # a few shapes recur (train, eval, last eval batch)
+                self._masks.clear()
+            full = torch.full((batch,), length, dtype=torch.int64, device=device)
+            self._masks[key] = (TriangularCausalMask(length, device=device),
+                                LengthMask(full, max_len=length))
+        return self._masks[key]
 
     def recurrent(self) -> "RecurrentTransformerLM":
         """The O(1)-per-token twin, built by RecurrentEncoderBuilder and loaded strictly from
