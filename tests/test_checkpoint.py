@@ -103,17 +103,56 @@ def test_resume_from_an_explicit_bad_path_exits_2(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_the_run_stops_with_exit_4(tmp_path):
-    """An absurd learning rate blows the weights up: the non-finite steps are not applied, and
-    after max_nonfinite_steps in a row the run stops, leaving its last good checkpoint."""
+    """An absurd learning rate blows the weights up: the non-finite steps are not applied (not
+    to the weights, nor to the optimizer's moments and step counts), and after
+    max_nonfinite_steps in a row the run stops, leaving its last good checkpoint."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
     out = tmp_path / "run"
     proc = run_module("train", LM_TINY, f"output_dir={out}", "max_steps=50", "checkpoint_every=1",
                       "optim.lr=1e6", "optim.warmup_steps=0", "optim.grad_clip=0",
                       "max_nonfinite_steps=3", *TINY, check=False)
     assert proc.returncode == 4, proc.stderr[-2000:]
-    assert "not finite for 3 steps in a row" in proc.stderr
-    last_good = complete_checkpoints(out)[-1]
+    assert "not finite for 3 steps in a row (steps " in proc.stderr
+    checkpoints = complete_checkpoints(out)
+    last_good = checkpoints[-1]
     assert f"last good checkpoint is {last_good}" in proc.stderr.replace("\n", " ")
-    from safetensors.torch import load_file
-    import torch
-
     assert all(torch.isfinite(t).all() for t in load_file(last_good / "model.safetensors").values())
+
+    def saved(checkpoint):
+        state = json.loads((checkpoint / LOOP_STATE).read_text())
+        optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)["state"]
+        return state, optimizer, load_file(checkpoint / "model.safetensors")
+
+    runs = [saved(c) for c in checkpoints]
+    for state, optimizer, _ in runs:  # AdamW counted only the applied steps
+        applied = state["step"] - state["nonfinite_steps"]
+        assert all(param["step"] == applied for param in optimizer.values())
+    compared = 0
+    for (a, opt_a, weights_a), (b, opt_b, weights_b) in zip(runs, runs[1:]):
+        if b["nonfinite_steps"] - a["nonfinite_steps"] == b["step"] - a["step"]:  # all skipped
+            assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+            assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i])
+            compared += 1
+    assert compared, [state for state, _, _ in runs]
+
+
+def test_divergence_is_noticed_at_the_next_log_step_and_not_saved(tmp_path):
+    """Steps never wait to learn whether they were finite: a divergence shows when the host next
+    reads the counts, here at the first log step, which then saves nothing."""
+    import re
+
+    out = tmp_path / "run"
+    proc = run_module("train", LM_TINY, f"output_dir={out}", "max_steps=50", "optim.lr=1e6",
+                      "optim.warmup_steps=0", "optim.grad_clip=0", "max_nonfinite_steps=3",
+                      *TINY, "log_every=10", "checkpoint_every=10", check=False)
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    found = re.search(r"not finite for (\d+) steps in a row \(steps (\d+) to (\d+)\)", proc.stderr)
+    assert found, proc.stderr[-2000:]
+    run, first, last = map(int, found.groups())
+    assert run >= 3 and last - first + 1 == run and last <= 10
+    assert "no checkpoint was saved" in proc.stderr
+    assert complete_checkpoints(out) == [] and not (out / "metrics.jsonl").read_text().strip()

@@ -2,11 +2,15 @@
 2-rank `torchrun` run on CPU (gloo)."""
 
 import math
+import os
+import sys
 
 import pytest
 import torch
 import yaml
 from accelerate import Accelerator
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun
 from train.config import load
@@ -152,3 +156,70 @@ def test_compiled_model_trains_and_checkpoints_plain_weights(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     weights = load_file(out / "checkpoints" / "step_00000004" / "model.safetensors")
     assert weights and not any("_orig_mod" in k for k in weights)  # loadable without compile
+
+
+# How the host reads a tensor's value; on a GPU each one waits for the device.
+READ_METHODS = {"item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__",
+                "__index__", "__format__", "cpu"}
+
+
+def _loading_data() -> bool:
+    """Whether the DataLoader is on the stack: loading data runs on the host by design."""
+    frame = sys._getframe()
+    while frame is not None:
+        if "torch/utils/data/" in frame.f_code.co_filename.replace(os.sep, "/"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class ReadMethods(TorchFunctionMode):
+    """Counts calls of READ_METHODS on tensors, outside data loading."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in READ_METHODS and not _loading_data():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+class OperatorReads(TorchDispatchMode):
+    """Counts reads made inside operators (aten._local_scalar_dense), outside data loading."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and not _loading_data():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("config, args", [
+    (LM_TINY, TINY),
+    (ROOT / "configs" / "vision_tiny.yaml",
+     ["data.image_size=16", "data.batch_size=8", "data.max_train_samples=64",
+      "data.max_val_samples=16", "example_images=0"]),
+], ids=["lm", "vision"])
+def test_steps_do_not_wait_for_the_device(tmp_path, config, args):
+    """The host reads values from the device once per log interval (and at evaluations and
+    checkpoints), never once per step: twice the steps between the same log points, evaluation
+    and checkpoint cost no extra read; more log points do."""
+    from train.loop import train
+
+    def reads(steps: int, log_every: int) -> int:
+        run = load(config, [f"output_dir={tmp_path / f'{steps}_{log_every}'}", f"max_steps={steps}",
+                            f"log_every={log_every}", "eval_every=1000", "checkpoint_every=1000",
+                            "eval_max_batches=1", "wandb.mode=disabled", "progress_bar=false",
+                            "device=cpu", "optim.warmup_steps=2", *args])
+        with ReadMethods() as methods, OperatorReads() as operators:
+            train(run)
+        return methods.count + operators.count
+
+    once = reads(10, 10)
+    assert reads(20, 20) == once  # ten more steps, no more reads
+    assert reads(20, 5) > once  # the counter does see the reads at log time

@@ -240,6 +240,41 @@ def test_digits_transforms_and_channels_last(tmp_path):
     assert loss.ndim == 0 and torch.isfinite(loss) and counters["images"].item() == 4
 
 
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "uncached"])
+def test_prepared_once_batched_images_equal_the_whole_transform(cached, monkeypatch):
+    """Prepared once (resize, crop), augmented image by image, converted batch by batch: the
+    same tensors, bit for bit, as the whole v2 transform applied to each image in turn."""
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import v2
+
+    from train.data import images
+
+    if not cached:
+        monkeypatch.setattr(images, "CACHE_BYTES", 1000)  # not even one 32 px image: none kept
+    splits = load_image_splits(VisionDataConfig(source="builtin:digits", image_size=32), 0)
+    mean, std = images.IMAGENET_MEAN, images.IMAGENET_STD
+    order = [5, 0, 17, 3, 5]
+    for augment in ("affine", "crop_flip", "none"):
+        transform = images.train_transform(32, augment, mean, std)
+        whole = v2.Compose([*transform.transforms, v2.ToImage(),
+                            v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+        dataset = splits.train.with_transform(transform)
+        assert (dataset.prepared is not None) == cached
+        # Its own generator: making the iterator must not draw from the global RNG.
+        loader = DataLoader(dataset, batch_size=len(order), sampler=order,
+                            generator=torch.Generator())
+        torch.manual_seed(0)
+        batch, labels = next(iter(loader))
+        torch.manual_seed(0)
+        expected = torch.stack([whole(splits.train.raw(i)[0]) for i in order])
+        assert torch.equal(batch, expected), augment
+        assert labels.tolist() == [splits.train.raw(i)[1] for i in order]
+        torch.manual_seed(1)
+        one = dataset[order[0]][0]  # a single item takes the same path
+        torch.manual_seed(1)
+        assert torch.equal(one, whole(splits.train.raw(order[0])[0])), augment
+
+
 @pytest.mark.slow
 def test_unknown_model_name_exits_2_with_close_matches(tmp_path):
     proc = run_module("train", CONFIG, f"output_dir={tmp_path / 'run'}", "model.name=resnet181",

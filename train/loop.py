@@ -3,6 +3,10 @@
     config -> Accelerator -> task (data, model, loss) -> loaders -> for each optimizer step:
     wait for data -> forward/backward (x accumulation) -> unscale + clip -> step -> schedule
     -> log (every log_every) -> eval (every eval_every) -> checkpoint (every checkpoint_every)
+
+A step never waits for the device (fp16 aside, see below): whether a step is skipped is decided
+on the device, and what the host needs to know is read at log steps, evaluations and checkpoints
+only (StepStats).
 """
 
 from __future__ import annotations
@@ -27,8 +31,8 @@ from train.tasks import build_task
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier per optimizer step (LambdaLR). Counted in optimizer steps on every rank:
-    the scheduler is stepped once per optimizer step, never once per process."""
+    """LR multiplier per step (LambdaLR). Counted in the loop's steps on every rank: the scheduler
+    is stepped once per step, never once per process, and skipped steps count too."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -39,13 +43,59 @@ def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
     return factor
 
 
-def optimizer_for(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and embeddings' 1-D parameters."""
+def optimizer_for(model: torch.nn.Module, cfg, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings' 1-D parameters. Fused (one kernel
+    for all parameters, on CPU and CUDA): faster, and it can skip a step on the device."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+class StepStats:
+    """What the loop records about its steps, kept on the device so that no step waits for it;
+    read (one transfer) at log steps and before evaluations and checkpoints.
+
+    An *applied* step changed the weights. A *bad* one had a non-finite loss or gradient norm:
+    without fp16 those are exactly the skipped steps; under fp16 the grad scaler also skips
+    steps whose gradients overflowed, which is routine (it lowers its scale), not bad.
+    """
+
+    def __init__(self, device: torch.device):
+        self.zero = torch.zeros((), device=device)
+        self.bad_run = self.zero.clone()  # bad steps in a row up to now, across windows
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.loss_sum, self.norm_sum = self.zero.clone(), self.zero.clone()  # over applied steps
+        self.applied, self.bad = self.zero.clone(), self.zero.clone()
+        self.worst_run, self.worst_run_end = self.zero.clone(), self.zero.clone()  # and its step
+        self.counters: dict[str, torch.Tensor] = {}  # the task's (images, tokens, ...)
+
+    def count(self, batch_counters: dict[str, torch.Tensor]) -> None:
+        for key, value in batch_counters.items():
+            self.counters[key] = self.counters.get(key, 0) + value
+
+    def add_step(self, step: int, loss, grad_norm, applied, bad) -> None:
+        self.loss_sum += torch.where(applied, loss, 0)  # a skipped step's may be NaN
+        self.norm_sum += torch.where(applied, grad_norm, 0)
+        self.applied += applied
+        self.bad += bad
+        self.bad_run = (self.bad_run + 1) * bad
+        self.worst_run_end = torch.where(self.bad_run > self.worst_run, step, self.worst_run_end)
+        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+
+    def read(self, accelerator) -> dict:
+        """The window so far, over all ranks: sums, and maxima of the bad-step counts."""
+        keys = sorted(self.counters)  # the same on every rank
+        local = torch.stack([self.loss_sum, self.norm_sum, self.applied, self.bad, self.worst_run,
+                             self.worst_run_end, *(self.counters[k].float() for k in keys)])
+        rows = accelerator.gather(local[None]).tolist()  # the host waits for the device here
+        total, most = [sum(col) for col in zip(*rows)], [max(col) for col in zip(*rows)]
+        return {"loss_sum": total[0], "norm_sum": total[1], "applied": total[2],
+                "bad": int(most[3]), "worst_run": int(most[4]), "worst_run_end": int(most[5]),
+                "counters": dict(zip(keys, total[6:]))}
 
 
 @torch.no_grad()
@@ -82,7 +132,8 @@ class StoppedBySignal(Exception):
 
 
 class Diverged(Exception):
-    """Too many consecutive steps with a non-finite loss or gradient norm."""
+    """Too many consecutive steps with a non-finite loss or gradient norm. Noticed when the host
+    reads StepStats: at the next log step, evaluation or checkpoint, so never saved as fine."""
 
 
 def train(config: RunConfig) -> dict[str, float]:
@@ -110,11 +161,13 @@ def train(config: RunConfig) -> dict[str, float]:
         train_set, val_set = task.datasets()
     model = task.model()
     flops_per_sample = task.flops_per_sample(model)
-    optimizer = optimizer_for(model, config.optim)
+    # Under fp16, Accelerate's GradScaler must see a plain AdamW: with a fused one it hands the
+    # skip to the kernel, and Accelerate no longer knows which steps were skipped.
+    adamw = optimizer_for(model, config.optim, fused=accelerator.scaler is None)
     schedule = warmup_cosine(config.optim.warmup_steps, config.max_steps, config.optim.min_lr_ratio)
     # Not prepared: Accelerate would step it once per process. Its state travels in loop_state.
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(adamw, schedule)
+    model, optimizer = accelerator.prepare(model, adamw)  # wraps adamw, the same object
 
     data = config.data
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -169,9 +222,9 @@ def train(config: RunConfig) -> dict[str, float]:
     accum = config.gradient_accumulation_steps
     clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
     zero = torch.zeros((), device=accelerator.device)
-    loss_sum, norm_sum, counters = zero.clone(), zero.clone(), {}
-    data_wait, window_start, window_steps, good_steps = 0.0, time.perf_counter(), 0, 0
-    fp16_skipped, bad_in_a_row = 0, 0
+    stats = StepStats(accelerator.device)
+    nonfinite_before = state["nonfinite_steps"]  # those of earlier windows
+    data_wait, window_start, window_steps, fp16_skipped = 0.0, time.perf_counter(), 0, 0
     last: dict[str, float] = {}
     stop, stopped = StopFlag().install(), False
     model.train()
@@ -186,51 +239,62 @@ def train(config: RunConfig) -> dict[str, float]:
                 loss, batch_counters = task.loss(model, batch)
                 accelerator.backward(loss)  # divides by the accumulation steps
             step_loss += loss.detach()
-            for key, value in batch_counters.items():
-                counters[key] = counters.get(key, 0) + value
+            stats.count(batch_counters)
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), clip)  # unscales first
-        # The loop's one per-step host sync: a non-finite step must not reach the weights.
-        finite_loss, finite_norm = torch.stack([step_loss, grad_norm]).isfinite().tolist()
-        if accelerator.scaler is not None:
-            optimizer.step()  # fp16: the grad scaler skips overflowing steps and lowers its scale
-            skip = accelerator.optimizer_step_was_skipped
-            fp16_skipped += skip
-            bad = not finite_loss
+        finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+        if accelerator.scaler is None:
+            # A non-finite step must not reach the weights, and the host must not wait to know:
+            # fused AdamW takes `found_inf` as GradScaler would hand it over, and where it is 1
+            # leaves weights, moments and step count as they were, on the device.
+            adamw.found_inf = (~finite).float()
+            optimizer.step()
+            applied, bad = finite, ~finite
         else:
-            bad = skip = not (finite_loss and finite_norm)
-            if not skip:
-                optimizer.step()
-        if not skip:
-            scheduler.step()
-            loss_sum += step_loss
-            norm_sum += grad_norm.detach()
-            good_steps += 1
+            # fp16: GradScaler (inside Accelerate) reads its overflow flag on the host, a sync
+            # every step, and skips overflowing steps itself; only a non-finite loss is bad.
+            optimizer.step()
+            skipped = accelerator.optimizer_step_was_skipped
+            fp16_skipped += skipped
+            applied, bad = torch.full_like(finite, not skipped), ~torch.isfinite(step_loss)
+        # Every step advances the schedule, skipped or not: a step's learning rate depends on its
+        # number only (a resumed run recomputes the same), and the host needs nothing from the
+        # device to know it.
+        scheduler.step()
+        stats.add_step(step, step_loss, grad_norm.detach(), applied, bad)
         optimizer.zero_grad(set_to_none=True)
-        state["nonfinite_steps"] += bad
-        bad_in_a_row = bad_in_a_row + 1 if bad else 0
-        if bad_in_a_row >= config.max_nonfinite_steps:
-            stop.restore()
-            metrics.close()
-            accelerator.end_training()  # the W&B run is closed, not left dangling
-            raise Diverged(f"loss or gradient norm not finite for {bad_in_a_row} steps in a row "
-                           f"(step {step}); the last good checkpoint is "
-                           f"{checkpoint.latest_checkpoint(run_dir)}. Lower optim.lr, set "
-                           "optim.grad_clip, or check the data")
         state.update(step=step, epoch=epoch, samples_in_epoch=consumed)
         window_steps += 1
         metrics.advance()
 
-        if step % config.log_every == 0 or step == config.max_steps:
-            # Everything else is read from the device once per log interval.
+        stopped = stop.should_stop() and step < config.max_steps
+        log_now = step % config.log_every == 0 or step == config.max_steps
+        eval_now = step % config.eval_every == 0 or step == config.max_steps
+        save_now = step % config.checkpoint_every == 0 or step == config.max_steps or stopped
+        if log_now or eval_now or save_now:
+            # The host reads the device's step statistics here only: to log, and so that no
+            # evaluation or checkpoint comes after a diverged step as if it were fine.
+            seen = stats.read(accelerator)
+            state["nonfinite_steps"] = nonfinite_before + seen["bad"]
+            if seen["worst_run"] >= config.max_nonfinite_steps:
+                stop.restore()
+                metrics.close()
+                accelerator.end_training()  # the W&B run is closed, not left dangling
+                end, good = seen["worst_run_end"], checkpoint.latest_checkpoint(run_dir)
+                raise Diverged(f"loss or gradient norm not finite for {seen['worst_run']} steps in "
+                               f"a row (steps {end - seen['worst_run'] + 1} to {end}); "
+                               + (f"the last good checkpoint is {good}" if good else
+                                  "no checkpoint was saved")
+                               + ". Lower optim.lr, set optim.grad_clip, or check the data")
+
+        if log_now:
+            # After the read: on a GPU the window's time then includes all of its device work.
             elapsed = time.perf_counter() - window_start
-            local = torch.stack([loss_sum / max(good_steps * accum, 1), norm_sum / max(good_steps, 1)])
-            mean_loss, mean_norm = accelerator.reduce(local, reduction="mean").tolist()
-            totals = {k: accelerator.reduce(v.detach().float(), reduction="sum").item()
-                      for k, v in sorted(counters.items())}
+            applied_steps = max(seen["applied"], 1)
             samples = window_steps * accum * data.batch_size * world
-            last = {"loss": mean_loss, "lr": scheduler.get_last_lr()[0], "grad_norm": mean_norm,
+            last = {"loss": seen["loss_sum"] / (applied_steps * accum),
+                    "lr": scheduler.get_last_lr()[0], "grad_norm": seen["norm_sum"] / applied_steps,
                     "step_time_s": elapsed / window_steps, "samples_per_s": samples / elapsed,
-                    **{f"{k}_per_s": v / elapsed for k, v in totals.items()},
+                    **{f"{k}_per_s": v / elapsed for k, v in seen["counters"].items()},
                     "data_wait_frac": data_wait / elapsed, "fp16_skipped_steps": fp16_skipped,
                     "nonfinite_steps": state["nonfinite_steps"], "epoch": epoch,
                     "peak_mem_mb": peak_memory_mb(accelerator.device)}
@@ -238,11 +302,12 @@ def train(config: RunConfig) -> dict[str, float]:
             if peak is not None:  # model FLOPs utilization, over every process's device
                 last["mfu"] = last["model_tflops_per_s"] * 1e12 / (peak * world)
             metrics.log(step, last)
-            loss_sum, norm_sum, counters = zero.clone(), zero.clone(), {}
-            data_wait, window_start, window_steps, good_steps = 0.0, time.perf_counter(), 0, 0
+            stats.new_window()
+            nonfinite_before = state["nonfinite_steps"]
+            data_wait, window_start, window_steps = 0.0, time.perf_counter(), 0
 
         paused_at = time.perf_counter()  # eval and checkpoint time is not training throughput
-        if step % config.eval_every == 0 or step == config.max_steps:
+        if eval_now:
             sync_buffers(accelerator, model)
             results = evaluate(accelerator, task, accelerator.unwrap_model(model), val_dl,
                                config.eval_max_batches)
@@ -253,8 +318,7 @@ def train(config: RunConfig) -> dict[str, float]:
             metrics.log(step, results, extras)
             last.update(results)
 
-        stopped = stop.should_stop() and step < config.max_steps
-        if step % config.checkpoint_every == 0 or step == config.max_steps or stopped:
+        if save_now:
             checkpoint.save(accelerator, run_dir, {**state, "scheduler": scheduler.state_dict(),
                                                    "config": to_dict(config)},
                             config.keep_checkpoints)

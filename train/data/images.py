@@ -37,6 +37,9 @@ GLYPH_SOURCES = {"builtin:digits", "torchvision:mnist", "torchvision:emnist", "t
                  "torchvision:semeion"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A split's prepared images (decoded, RGB, resized, cropped) are kept in memory when they fit in
+# this many bytes (per split and process): then each is prepared once, not once per epoch.
+CACHE_BYTES = 1 << 30
 
 
 class DigitsImages(Dataset):
@@ -97,14 +100,76 @@ def _as_rgb(image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+class StagedTransform:
+    """An image transform in stages, so that the deterministic one can run once per image and
+    the last one once per batch:
+
+        prepare (deterministic: resize, crop) -> augment (random, per image) -> to_tensor (batch)
+
+    Of an RGB PIL image it computes exactly v2.Compose([*prepare, *augment, v2.ToImage(),
+    v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]), drawing the same random
+    numbers. Every image leaves `augment` at the same size.
+    """
+
+    def __init__(self, prepare: list, augment: list, mean, std):
+        self.prepare_steps, self.augment_steps = list(prepare), list(augment)
+        self.transforms = [*prepare, *augment]  # what it does, for people and tests
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def prepare(self, image: Image.Image) -> Image.Image:
+        for step in self.prepare_steps:
+            image = step(image)
+        return image
+
+    def augment(self, image: Image.Image) -> Image.Image:
+        for step in self.augment_steps:  # not a v2.Compose: its overhead shows at 32 px
+            image = step(image)
+        return image
+
+    def to_tensor(self, images: list[Image.Image]) -> torch.Tensor:
+        """Augmented images -> one (N, C, H, W) float tensor: the arithmetic of ToImage, ToDtype
+        and Normalize, done once for the batch (image by image it costs more than augmenting)."""
+        pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))
+        batch = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+        return batch.mul_(1 / 255).sub_(self.mean).div_(self.std)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.to_tensor([self.augment(self.prepare(image))])[0]
+
+
 class ImageSubset(Dataset):
-    """Items `indices` of a base dataset of (image, label), as (transformed tensor, label)."""
+    """Items `indices` of a base dataset of (image, label), as (transformed tensor, label).
+
+    With a StagedTransform, each image's deterministic stage runs once, in `with_transform`, when
+    the split's prepared images fit in CACHE_BYTES; an item then costs only its augmentation.
+    The DataLoader fetches a batch's items together (`__getitems__`)."""
 
     def __init__(self, base: Dataset, indices, transform=None):
         self.base, self.indices, self.transform = base, list(indices), transform
+        self.prepared: list | None = None  # (prepared image, label) per item, when cached
 
     def with_transform(self, transform) -> "ImageSubset":
-        return ImageSubset(self.base, self.indices, transform)
+        subset = ImageSubset(self.base, self.indices, transform)
+        if isinstance(transform, StagedTransform):
+            subset.prepared = subset._prepare_all()
+        return subset
+
+    def _prepare(self, i: int):
+        image, label = self.raw(i)
+        return self.transform.prepare(image), label
+
+    def _prepare_all(self) -> list | None:
+        prepared, nbytes = [], 0
+        for i in range(len(self)):
+            image, label = self._prepare(i)
+            image.load()  # pixels in memory, not a lazily read file
+            nbytes += len(image.getbands()) * image.width * image.height
+            # Judged from the first image (a large dataset is not read in vain), then the total.
+            if nbytes * (len(self) if i == 0 else 1) > CACHE_BYTES:
+                return None
+            prepared.append((image, label))
+        return prepared
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -113,7 +178,18 @@ class ImageSubset(Dataset):
         image, label = self.base[self.indices[i]]
         return _as_rgb(image), int(label)
 
+    def __getitems__(self, indices: list[int]) -> list:
+        """Items `indices`, as the DataLoader fetches a batch: augmented one by one, then turned
+        into tensors together."""
+        if not isinstance(self.transform, StagedTransform):
+            return [self[i] for i in indices]
+        items = [self._prepare(i) if self.prepared is None else self.prepared[i] for i in indices]
+        images = self.transform.to_tensor([self.transform.augment(image) for image, _ in items])
+        return list(zip(images.unbind(0), [label for _, label in items]))
+
     def __getitem__(self, i: int):
+        if isinstance(self.transform, StagedTransform):
+            return self.__getitems__([i])[0]
         image, label = self.raw(i)
         return (self.transform(image) if self.transform else image), label
 
@@ -293,19 +369,18 @@ def load_image_splits(cfg, seed: int) -> ImageSplits:
     return splits
 
 
-def train_transform(size: int, augment: str, mean, std) -> v2.Compose:
+def train_transform(size: int, augment: str, mean, std) -> StagedTransform:
     """Random augmentation for training; `augment` is `crop_flip`, `affine` or `none`."""
     if augment == "crop_flip":  # natural images: scale/aspect jitter, mirror symmetry
-        geometry = [v2.RandomResizedCrop(size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip()]
+        prepare = []  # the random crop needs the whole decoded image
+        random = [v2.RandomResizedCrop(size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip()]
     elif augment == "affine":  # glyphs: small shifts, rotations and scalings, never mirrored
-        geometry = [v2.Resize(size), v2.CenterCrop(size),
-                    v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
+        prepare = [v2.Resize(size), v2.CenterCrop(size)]
+        random = [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
     else:
-        geometry = [v2.Resize(size), v2.CenterCrop(size)]
-    return v2.Compose([*geometry, v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(mean, std)])
+        prepare, random = [v2.Resize(size), v2.CenterCrop(size)], []
+    return StagedTransform(prepare, random, mean, std)
 
 
-def eval_transform(size: int, mean, std) -> v2.Compose:
-    return v2.Compose([v2.Resize(size), v2.CenterCrop(size), v2.ToImage(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+def eval_transform(size: int, mean, std) -> StagedTransform:
+    return StagedTransform([v2.Resize(size), v2.CenterCrop(size)], [], mean, std)

@@ -14,9 +14,8 @@ import torch
 from torch import nn
 
 from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
-from fast_transformers.masking import TriangularCausalMask
-
 import train.models.attention  # noqa: F401  (registers chunked-causal-linear)
+from train.models.masks import causal_mask, no_padding_mask
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -84,8 +83,10 @@ class TransformerLM(nn.Module):
         n, length = input_ids.shape
         positions = torch.arange(length, device=input_ids.device)
         x = self.embed(input_ids) + sinusoidal_positions(positions, self.embed.embedding_dim)
-        mask = TriangularCausalMask(length, device=input_ids.device)
-        return self.head(self.encoder(x, attn_mask=mask))
+        # Masks made without reading the device (the library's would, in every forward).
+        device = input_ids.device
+        return self.head(self.encoder(x, attn_mask=causal_mask(length, device),
+                                      length_mask=no_padding_mask(n, length, device)))
 
     def recurrent(self) -> "RecurrentTransformerLM":
         """The O(1)-per-token twin, built by RecurrentEncoderBuilder and loaded strictly from

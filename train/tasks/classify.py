@@ -88,7 +88,8 @@ class ImageClassificationTask:
         images, labels = batch
         loss = F.cross_entropy(self._logits(model, images), labels,
                                label_smoothing=self.config.label_smoothing)
-        return loss, {"images": torch.tensor(len(labels), device=labels.device)}
+        # Made on the device: torch.tensor(n, device=...) would be a blocking host-to-device copy.
+        return loss, {"images": torch.full((), len(labels), device=labels.device)}
 
     def eval_sums(self, model, batch):
         images, labels = batch
