@@ -155,16 +155,21 @@ class PadPairs:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         sources = [r["source_ids"] for r in rows]
         targets = [r["target_ids"] for r in rows]
-        n, s, t = len(rows), max(map(len, sources)), max(map(len, targets)) + 1
-        batch = {"source": torch.full((n, s), self.pad_id),
-                 "source_lengths": torch.tensor([len(x) for x in sources]),
-                 "target_in": torch.full((n, t), self.pad_id),
-                 "labels": torch.full((n, t), IGNORE_INDEX)}
-        for i, (src, tgt) in enumerate(zip(sources, targets)):
-            batch["source"][i, : len(src)] = torch.tensor(src, dtype=torch.long)
-            batch["target_in"][i, : len(tgt) + 1] = torch.tensor([self.bos_id, *tgt])
-            batch["labels"][i, : len(tgt) + 1] = torch.tensor([*tgt, self.eos_id])
-        return batch
+        source, source_lengths = pad_rows(sources, self.pad_id)
+        return {"source": source, "source_lengths": source_lengths,
+                "target_in": pad_rows([[self.bos_id, *t] for t in targets], self.pad_id)[0],
+                "labels": pad_rows([[*t, self.eos_id] for t in targets], IGNORE_INDEX)[0]}
+
+
+def pad_rows(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows -> (N, longest) tensor padded at the end with `value`, and the (N,) lengths.
+    One tensor is made from all tokens at once: per-row tensors cost more than the model's step
+    for short rows."""
+    lengths = torch.tensor([len(r) for r in rows])
+    out = torch.full((len(rows), int(lengths.max())), value)
+    out[torch.arange(out.shape[1]) < lengths[:, None]] = torch.tensor(
+        [token for row in rows for token in row], dtype=torch.long)
+    return out, lengths
 
 
 # --- labelled texts ---
@@ -228,13 +233,9 @@ class PadTexts:
         self.pad_id = pad_id
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        ids = [r["ids"] for r in rows]
-        batch = {"ids": torch.full((len(ids), max(map(len, ids))), self.pad_id),
-                 "lengths": torch.tensor([len(x) for x in ids]),
-                 "labels": torch.tensor([int(r["label"]) for r in rows])}
-        for i, x in enumerate(ids):
-            batch["ids"][i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        return batch
+        ids, lengths = pad_rows([r["ids"] for r in rows], self.pad_id)
+        return {"ids": ids, "lengths": lengths,
+                "labels": torch.tensor([int(r["label"]) for r in rows])}
 
 
 def sample_lengths(rows: datasets.Dataset, *columns: str) -> list[int]:
