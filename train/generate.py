@@ -34,6 +34,8 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
     when the state reaches it, sampling restarts from a fresh state primed with the last
     context/2 tokens (about twice the cost per token, and text that stays coherent).
     """
+    from train.models.sequence import pick_tokens
+
     stepper = model.recurrent()
     device = next(stepper.parameters()).device
     newline = tokenizer.encode("\n")
@@ -52,11 +54,7 @@ def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperatur
             for p in range(start, pos):
                 _, state = stepper.step(tokens[:, p].to(device), p - start, state)
         logits, state = stepper.step(tokens[:, pos].to(device), pos - start, state)
-        logits = logits.float().cpu() / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        nxt = pick_tokens(logits, temperature, top_k, generator).cpu()
         tokens[:, pos + 1] = torch.where(in_prompt[:, pos + 1], tokens[:, pos + 1], nxt)
     return [tokenizer.decode(tokens[i, n: n + max_new_tokens].tolist())
             for i, n in enumerate(lengths)]

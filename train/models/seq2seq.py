@@ -20,7 +20,8 @@ from fast_transformers.builders import (RecurrentDecoderBuilder, TransformerDeco
                                         TransformerEncoderBuilder)
 from train.models.attention import NAME as CHUNKED
 from train.models.masks import PaddingMask, causal_mask, full_mask, no_padding_mask
-from train.models.sequence import FP32_ONLY_ATTENTION, FP32Attention, sinusoidal_positions
+from train.models.sequence import (FP32_ONLY_ATTENTION, FP32Attention, pick_tokens,
+                                   sinusoidal_positions)
 
 
 def _layer_kwargs(d_model: int, n_heads: int, d_ff: int, dropout: float) -> dict:
@@ -106,7 +107,8 @@ class RecurrentSeq2Seq(nn.Module):
         self.decoder = RecurrentDecoderBuilder.from_kwargs(**parallel._decoder_kwargs()).get()
         self.head = nn.Linear(h["d_model"], h["vocab_size"])
         self.load_state_dict(parallel.state_dict(), strict=True)
-        self.encode = parallel.encode
+
+    encode = Seq2SeqTransformer.encode  # same modules under the same names
 
     def step(self, tokens: torch.Tensor, position: int, memory, memory_mask, state=None):
         """tokens (N,) at target position `position` -> logits (N, V), new state."""
@@ -135,19 +137,6 @@ class RecurrentSeq2Seq(nn.Module):
                 break
         rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(n)]
         return [row[: row.index(eos_id)] if eos_id in row else row for row in rows]
-
-
-def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy (temperature 0) or sampled next tokens, (N, V) logits -> (N,)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scaled = logits.float().cpu() / temperature  # sampled on the CPU: one generator anywhere
-    if top_k:
-        kth = torch.topk(scaled, min(top_k, scaled.shape[-1])).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    picked = torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(1)
-    return picked.to(logits.device)
 
 
 class SequenceClassifier(nn.Module):

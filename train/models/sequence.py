@@ -28,6 +28,19 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return nn.functional.pad(enc, (0, dim - 2 * half))
 
 
+def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy (temperature 0) or sampled next tokens, (N, V) logits -> (N,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits.float().cpu() / temperature  # sampled on the CPU: one generator anywhere
+    if top_k:
+        kth = torch.topk(scaled, min(top_k, scaled.shape[-1])).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    picked = torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(1)
+    return picked.to(logits.device)
+
+
 # The library's compiled causal-linear kernel runs in fp32 only.
 FP32_ONLY_ATTENTION = {"causal-linear"}
 
