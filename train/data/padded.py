@@ -56,7 +56,8 @@ def _majority(rng):
 
 
 BUILTIN_PAIRS = {"sort": _sort, "reverse": _reverse, "add": _add}
-BUILTIN_LABELLED = {"majority": (_majority, ["a", "b", "c"])}
+BUILTIN_LABELLED = {"majority": _majority}
+BUILTIN_CLASSES = {"majority": ["a", "b", "c"]}
 
 
 def _builtin_rows(make, count: int, val_fraction: float, first: str, second: str):
@@ -80,8 +81,7 @@ def _builtin(source: str, table: dict, cfg, first: str, second: str):
     if name not in table:
         known = ", ".join(BUILTIN_PREFIX + n for n in table)
         raise ConfigError(f"data.source={source!r}: unknown builtin; available: {known}")
-    make = table[name][0] if isinstance(table[name], tuple) else table[name]
-    return _builtin_rows(make, cfg.builtin_examples, cfg.val_fraction, first, second)
+    return _builtin_rows(table[name], cfg.builtin_examples, cfg.val_fraction, first, second)
 
 
 def train_val_rows(source: str, val_fraction: float, seed: int):
@@ -179,7 +179,7 @@ def labelled_text_datasets(cfg, tokenizer, seed: int):
     String labels are numbered in sorted order; integer labels are used as they are."""
     if cfg.source.startswith(BUILTIN_PREFIX):
         train, val = _builtin(cfg.source, BUILTIN_LABELLED, cfg, "text", "label")
-        classes = BUILTIN_LABELLED[cfg.source[len(BUILTIN_PREFIX):]][1]
+        classes = BUILTIN_CLASSES[cfg.source[len(BUILTIN_PREFIX):]]
         text_column, label_column = "text", "label"
     else:
         train, val = train_val_rows(cfg.source, cfg.val_fraction, seed)
