@@ -62,14 +62,15 @@ class StepStats:
     steps whose gradients overflowed, which is routine (it lowers its scale), not bad.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, bad_before: int = 0):
         self.zero = torch.zeros((), device=device)
         self.bad_run = self.zero.clone()  # bad steps in a row up to now, across windows
+        self.bad = self.zero + bad_before  # bad steps of the whole run (a resumed one too)
         self.new_window()
 
     def new_window(self) -> None:
         self.loss_sum, self.norm_sum = self.zero.clone(), self.zero.clone()  # over applied steps
-        self.applied, self.bad = self.zero.clone(), self.zero.clone()
+        self.applied = self.zero.clone()
         self.worst_run, self.worst_run_end = self.zero.clone(), self.zero.clone()  # and its step
         self.counters: dict[str, torch.Tensor] = {}  # the task's (images, tokens, ...)
 
@@ -87,7 +88,8 @@ class StepStats:
         self.worst_run = torch.maximum(self.worst_run, self.bad_run)
 
     def read(self, accelerator) -> dict:
-        """The window so far, over all ranks: sums, and maxima of the bad-step counts."""
+        """The window so far, over all ranks: sums, and maxima of the bad-step counts (`bad`
+        counts the whole run)."""
         keys = sorted(self.counters)  # the same on every rank
         local = torch.stack([self.loss_sum, self.norm_sum, self.applied, self.bad, self.worst_run,
                              self.worst_run_end, *(self.counters[k].float() for k in keys)])
@@ -222,8 +224,7 @@ def train(config: RunConfig) -> dict[str, float]:
     accum = config.gradient_accumulation_steps
     clip = config.optim.grad_clip if config.optim.grad_clip > 0 else float("inf")
     zero = torch.zeros((), device=accelerator.device)
-    stats = StepStats(accelerator.device)
-    nonfinite_before = state["nonfinite_steps"]  # those of earlier windows
+    stats = StepStats(accelerator.device, state["nonfinite_steps"])
     data_wait, window_start, window_steps, fp16_skipped = 0.0, time.perf_counter(), 0, 0
     last: dict[str, float] = {}
     stop, stopped = StopFlag().install(), False
@@ -274,7 +275,7 @@ def train(config: RunConfig) -> dict[str, float]:
             # The host reads the device's step statistics here only: to log, and so that no
             # evaluation or checkpoint comes after a diverged step as if it were fine.
             seen = stats.read(accelerator)
-            state["nonfinite_steps"] = nonfinite_before + seen["bad"]
+            state["nonfinite_steps"] = seen["bad"]
             if seen["worst_run"] >= config.max_nonfinite_steps:
                 stop.restore()
                 metrics.close()
@@ -303,7 +304,6 @@ def train(config: RunConfig) -> dict[str, float]:
                 last["mfu"] = last["model_tflops_per_s"] * 1e12 / (peak * world)
             metrics.log(step, last)
             stats.new_window()
-            nonfinite_before = state["nonfinite_steps"]
             data_wait, window_start, window_steps = 0.0, time.perf_counter(), 0
 
         paused_at = time.perf_counter()  # eval and checkpoint time is not training throughput
