@@ -26,6 +26,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from train.config import ConfigError
+from train.data.loaders import seeded_split
 
 BUILTIN_PREFIX = "builtin:"
 TORCHVISION_PREFIX = "torchvision:"
@@ -201,12 +202,6 @@ class ImageSplits:
     classes: list[str] | None  # names, index = label; None when the source has none
     num_classes: int | None  # None when unknown without reading every label
     glyphs: bool  # digits or letters: no horizontal flips
-
-
-def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = min(max(1, round(n * val_fraction)), n - 1)
-    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 def _limit(indices: list[int], limit: int | None, seed: int) -> list[int]:

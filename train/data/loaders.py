@@ -15,6 +15,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from train.config import ConfigError
 
 
+def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, validation) indices of n samples from a seeded permutation: the same split in
+    every process and every run with this seed; each side keeps at least one sample."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
 class ShardSampler(Sampler[int]):
     """Indices rank, rank + world, ... : disjoint across ranks, complete, no duplicates."""
 

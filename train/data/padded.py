@@ -19,6 +19,7 @@ import datasets
 import torch
 
 from train.config import ConfigError
+from train.data.loaders import seeded_split
 from train.data.text import BUILTIN_PREFIX, IGNORE_INDEX, load_raw
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
@@ -96,9 +97,8 @@ def train_val_rows(source: str, val_fraction: float, seed: int):
     rows = splits["train"]
     if len(rows) < 2:
         raise ConfigError(f"data.source={source!r} holds {len(rows)} rows; need at least 2")
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(rows) * val_fraction))
-    return rows.select(order[n_val:]), rows.select(order[:n_val])
+    train_indices, val_indices = seeded_split(len(rows), val_fraction, seed)
+    return rows.select(train_indices), rows.select(val_indices)
 
 
 def _check_columns(rows: datasets.Dataset, source: str, **columns: str) -> None:
