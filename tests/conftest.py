@@ -44,12 +44,33 @@ def run_module(module: str, *args: str, timeout: float = 300, env: dict | None =
     return proc
 
 
-def run_torchrun(nproc: int, module: str, *args: str, timeout: float = 400,
-                 check: bool = True) -> subprocess.CompletedProcess:
+def run_torchrun(nproc: int, module: str, *args: str, timeout: float = 400, check: bool = True,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N -m module args...` on CPU (gloo) on a free local port."""
     return run_module("torch.distributed.run", "--nproc_per_node", str(nproc),
                       "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-                      "-m", module, *args, timeout=timeout, check=check)
+                      "-m", module, *args, timeout=timeout, check=check, env=env)
+
+
+def train_here(config_path, *overrides: str):
+    """`python -m train CONFIG overrides...` in this process (no start-up cost): the run
+    directory's metrics rows, and the TrainError it ended with (None if it finished), which
+    the command would print and exit with."""
+    from train.errors import TrainError
+    from train.loop import train
+    from train.tasks import load_config
+
+    try:
+        config = load_config(config_path, list(overrides))
+    except TrainError as exc:
+        return [], exc
+    try:
+        train(config)
+        error = None
+    except TrainError as exc:
+        error = exc
+    metrics = Path(config.output_dir) / "metrics.jsonl"
+    return (read_jsonl(metrics) if metrics.exists() else []), error
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -71,11 +92,10 @@ def gloo_world():
 def single_process_metrics(run: Path) -> dict:
     """The run's latest checkpoint evaluated by one process over the whole validation set."""
     from train.checkpoint import latest_checkpoint, load_model_weights
-    from train.config import validate
     from train.data.loaders import eval_loader
-    from train.tasks import build_task
+    from train.tasks import build_task, validate_config
 
-    config = validate(yaml.safe_load((run / "config.yaml").read_text()))
+    config = validate_config(yaml.safe_load((run / "config.yaml").read_text()))
     task = build_task(config)
     _, val_set = task.datasets()
     model = task.model()

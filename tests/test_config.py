@@ -3,7 +3,10 @@
 import pytest
 import yaml
 
-from train.config import ConfigError, LMConfig, load, parse_overrides
+from train.config import parse_overrides
+from train.errors import ConfigError
+from train.tasks import load_config as load
+from train.tasks.lm import LMConfig
 from conftest import ROOT, run_module
 
 LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
@@ -78,13 +81,13 @@ def test_cli_rejects_bad_config_before_writing_anything(tmp_path):
     assert not out.exists()
 
 
-def test_cli_rejects_missing_data_before_writing_anything(tmp_path):
+def test_cli_rejects_missing_data_before_writing_anything(tmp_path, capsys):
+    from train.__main__ import main
+
     out = tmp_path / "run"
-    proc = run_module("train", LM_TINY, f"output_dir={out}", f"data.source={tmp_path}/none.txt",
-                      check=False)
-    assert proc.returncode == 2, proc.stderr
-    assert "data.source=" in proc.stderr and "no such file" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert main([str(LM_TINY), f"output_dir={out}", f"data.source={tmp_path}/none.txt"]) == 2
+    err = capsys.readouterr().err
+    assert "data.source=" in err and "no such file" in err and "Traceback" not in err
     assert not out.exists()
 
 

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from train.config import SequenceModelConfig
 from train.data.tokenizer import ByteTokenizer
-from train.generate import sample
+from train.models.generation import sample
 from train.models.sequence import LSTMLM, TransformerLM, build_sequence_model
+from train.tasks.lm import SequenceModelConfig
 
 
 def test_lstm_steps_match_the_full_sequence_pass():
@@ -86,7 +86,7 @@ def test_sampling_past_the_trained_length_restarts_from_a_window():
 
 
 def _lm_flops(**model):
-    from train.config import LMConfig
+    from train.tasks.lm import LMConfig
     from train.tasks.lm import LanguageModelingTask
 
     def flops(block_size):
@@ -110,7 +110,7 @@ def test_lm_flops_are_linear_in_length_for_linear_attention_only():
 
 def test_vision_flops_come_from_torchs_counter():
     """resnet18 at 224x224 is 1.82 GMACs forward (torchvision's published figure)."""
-    from train.config import ClassifyConfig
+    from train.tasks.classify import ClassifyConfig
     from train.tasks.classify import ImageClassificationTask
 
     config = ClassifyConfig(task="classify", output_dir="unused", max_steps=1,

@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun, single_process_metrics
-from train.config import ConfigError, load
+from conftest import ROOT, read_jsonl, read_wandb_run, run_torchrun, single_process_metrics, train_here
+from train.generate import main as generate
+from train.errors import ConfigError
+from train.tasks import load_config as load
 from train.data.loaders import LengthGroupedSampler, ResumableDistributedSampler
 from train.data.padded import PadPairs, pair_datasets
 from train.data.tokenizer import ByteTokenizer, build_tokenizer
@@ -154,10 +156,11 @@ def test_length_grouped_batches_cut_padding_and_resume_on_any_world_size():
 @pytest.fixture(scope="module")
 def seq2seq_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("s2s") / "run"
-    run_module("train", SEQ2SEQ, f"output_dir={out}", "max_steps=200", "eval_every=100",
-               "checkpoint_every=200", "wandb.mode=offline", "progress_bar=false",
-               "model.d_model=64", "model.d_ff=256", "data.builtin_examples=4000",
-               "data.val_fraction=0.05", "seq2seq.decode_examples=4")
+    _, error = train_here(SEQ2SEQ, f"output_dir={out}", "max_steps=200", "eval_every=100",
+                          "checkpoint_every=200", "wandb.mode=offline", "progress_bar=false",
+                          "model.d_model=64", "model.d_ff=256", "data.builtin_examples=4000",
+                          "data.val_fraction=0.05", "seq2seq.decode_examples=4")
+    assert error is None
     return out
 
 
@@ -188,16 +191,16 @@ def test_seq2seq_run_learns_and_logs_token_and_exact_match_metrics(seq2seq_run):
 
 
 @pytest.mark.slow
-def test_generate_decodes_source_texts_from_a_seq2seq_run(seq2seq_run):
-    proc = run_module("train.generate", seq2seq_run, "--source", "dcba", "--source", "zyxw")
-    lines = proc.stdout.splitlines()
+def test_generate_decodes_source_texts_from_a_seq2seq_run(seq2seq_run, capsys):
+    assert generate([str(seq2seq_run), "--source", "dcba", "--source", "zyxw"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all("\t" in line for line in lines)
     assert [line.split("\t")[0] for line in lines] == ["dcba", "zyxw"]
-    sampled = run_module("train.generate", seq2seq_run, "--source", "hello", "--temperature",
-                         "1.0", "--num-samples", "3", "--seed", "1")
-    assert len(sampled.stdout.splitlines()) == 3
-    bad = run_module("train.generate", seq2seq_run, "--source", "", check=False)
-    assert bad.returncode == 2 and "source" in bad.stderr
+    assert generate([str(seq2seq_run), "--source", "hello", "--temperature", "1.0",
+                     "--num-samples", "3", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert generate([str(seq2seq_run), "--source", ""]) == 2
+    assert "source" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -221,16 +224,15 @@ def test_two_ranks_metrics_are_exact_on_an_odd_validation_set(tmp_path, config, 
 
 @pytest.mark.slow
 def test_text_classifier_learns_the_majority_letter(tmp_path):
-    run = tmp_path / "run"
-    run_module("train", TEXT_CLASSIFY, f"output_dir={run}", "max_steps=150", "eval_every=150",
-               "data.builtin_examples=4000", *QUIET)
-    final = [r for r in read_jsonl(run / "metrics.jsonl") if "val/accuracy" in r][-1]
+    rows, _ = train_here(TEXT_CLASSIFY, f"output_dir={tmp_path / 'run'}", "max_steps=150",
+                         "eval_every=150", "data.builtin_examples=4000", *QUIET)
+    final = [r for r in rows if "val/accuracy" in r][-1]
     assert final["val/count"] == 400
     assert final["val/accuracy"] > 0.8 and final["val/macro_f1"] > 0.8
 
 
 @pytest.mark.slow
-def test_local_pairs_with_a_user_tokenizer(tmp_path):
+def test_local_pairs_with_a_user_tokenizer(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
     rng = random.Random(0)
@@ -247,31 +249,32 @@ def test_local_pairs_with_a_user_tokenizer(tmp_path):
     tokenizer.save(str(tmp_path / "tokenizer.json"))
 
     run = tmp_path / "run"
-    run_module("train", SEQ2SEQ, f"output_dir={run}", f"data.source={data}",
-               "data.source_column=question", "data.target_column=answer",
-               f"data.tokenizer={tmp_path / 'tokenizer.json'}", "max_steps=4", "log_every=2",
-               "eval_every=4", "checkpoint_every=4", *SMALL_S2S, *QUIET)
-    final = [r for r in read_jsonl(run / "metrics.jsonl") if "val/loss" in r][-1]
+    rows, _ = train_here(SEQ2SEQ, f"output_dir={run}", f"data.source={data}",
+                         "data.source_column=question", "data.target_column=answer",
+                         f"data.tokenizer={tmp_path / 'tokenizer.json'}", "max_steps=4",
+                         "log_every=2", "eval_every=4", "checkpoint_every=4", *SMALL_S2S, *QUIET)
+    final = [r for r in rows if "val/loss" in r][-1]
     assert final["val/count"] == 15  # a seeded 5% of the 300 rows
-    out = run_module("train.generate", run, "--source", "alpha beta").stdout
-    assert out.startswith("alpha beta\t")
+    assert generate([str(run), "--source", "alpha beta"]) == 0
+    assert capsys.readouterr().out.startswith("alpha beta\t")
 
 
 @pytest.mark.parametrize("override,message", [
     ("data.source=builtin:sorting", "unknown builtin"),
     ("data.tokenizer=missing/tokenizer.json", "data.tokenizer"),
-    ("model.cross_attention_type=local", "unknown cross attention type 'local'"),
-    ("model.encoder_attention_type=causal-linear", "unknown attention type 'causal-linear'"),
+    ("model.cross_attention_type=local", "'local' cannot be used as cross attention"),
+    ("model.encoder_attention_type=causal-linear", "'causal-linear' cannot be used as encoder attention"),
     ("data.source_column=question", "data.source_column='question' is not a column"),
 ])
-def test_bad_seq2seq_input_exits_2_naming_the_key(tmp_path, override, message):
+def test_bad_seq2seq_input_is_refused_naming_the_key(tmp_path, override, message):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"src": "ba", "tgt": "ab"}\n' * 20)
     extra = [f"data.source={pairs}"] if "source_column" in override else []
-    proc = run_module("train", SEQ2SEQ, f"output_dir={tmp_path / 'run'}", *extra, override,
-                      "max_steps=1", *QUIET, check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr
+    _, error = train_here(SEQ2SEQ, f"output_dir={tmp_path / 'run'}", *extra, override,
+                          "max_steps=1", *QUIET)
+    assert isinstance(error, ConfigError) and error.exit_code == 2
+    assert message in str(error)
+    assert not (tmp_path / "run").exists()
     assert not (tmp_path / "run").exists()
 
 

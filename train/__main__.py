@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.config import ConfigError, load
-from train.signals import EXIT_STOPPED_BY_SIGNAL
-
-EXIT_BAD_INPUT = 2
-EXIT_DIVERGED = 4
+from train.errors import TrainError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,19 +18,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="dotted config overrides, e.g. data.batch_size=16")
     args = parser.parse_args(argv)
     try:
-        config = load(args.config, args.overrides)
-        from train.loop import Diverged, StoppedBySignal, train  # heavy imports after validation
+        from train.tasks import load_config
+
+        config = load_config(args.config, args.overrides)
+        from train.loop import train  # heavy imports after validation
 
         train(config)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except StoppedBySignal as exc:
-        print(f"{exc}; a checkpoint was saved, run the same command to resume", file=sys.stderr)
-        return EXIT_STOPPED_BY_SIGNAL
-    except Diverged as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_DIVERGED
+    except TrainError as exc:
+        if not exc.quiet:
+            print(f"{exc.prefix}{exc}", file=sys.stderr)
+        return exc.exit_code
     return 0
 
 

@@ -20,6 +20,9 @@ import shutil
 import sys
 from pathlib import Path
 
+from train import faults
+from train.errors import ConfigError
+
 LOOP_STATE = "loop_state.json"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -107,6 +110,7 @@ def save(accelerator, run_dir: str | os.PathLike, loop_state: dict, keep: int) -
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        faults.during_save(loop_state["step"])
         state = {**loop_state, "manifest": _manifest(tmp)}
         (tmp / LOOP_STATE).write_text(json.dumps(state, indent=1))
         _fsync_tree(tmp)
@@ -122,8 +126,6 @@ def save(accelerator, run_dir: str | os.PathLike, loop_state: dict, keep: int) -
 def resume_point(resume: str, run_dir: str | os.PathLike) -> list[Path]:
     """Candidate checkpoints to start from, best first, per the `resume` config key. Checked
     before anything is written."""
-    from train.config import ConfigError
-
     if resume == "auto":
         return complete_checkpoints(run_dir)[::-1]
     if resume == "never":
@@ -157,8 +159,6 @@ def load(accelerator, candidates: list[Path], config: dict, allow_config_change:
          ) -> tuple[Path, dict] | None:
     """Restore the first candidate that verifies into the prepared objects (warning about the
     ones skipped) and return (checkpoint, loop state); None when there is no candidate."""
-    from train.config import ConfigError
-
     problems = []
     for checkpoint in candidates:
         try:

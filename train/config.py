@@ -1,7 +1,10 @@
-"""The config schema: every key, its type, its default and its allowed range, in one place.
+"""The config schema shared by every task, and how a config is read.
 
-A run is described by a YAML file plus `dotted.key=value` overrides. Both are validated once by
-pydantic; any problem raises `ConfigError` with one line that names the key and the bad value.
+A run is described by a YAML file plus `dotted.key=value` overrides, validated once by pydantic;
+any problem raises `ConfigError` with one line that names the key and the bad value. This file
+holds the keys every task has (`RunConfig`, `optim`, `wandb`, the loaders) and the sections
+several tasks share; each task's own schema lives next to the task, in `train/tasks/NAME.py`,
+and `train.tasks.load_config` picks it by the config's `task` key.
 """
 
 from __future__ import annotations
@@ -9,19 +12,29 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      field_validator, model_validator)
 
+from train.errors import ConfigError
+from train.models.attention_types import CAUSAL, CROSS, ENCODER, check_attention
 
-class ConfigError(ValueError):
-    """A bad config file, key, type or value. The message is meant for the user as it is."""
+__all__ = ["ConfigError", "Section", "RunConfig", "read", "validate_as", "save", "to_dict"]
 
 
 class Section(BaseModel):
     # Unknown keys are errors, not silently ignored typos.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def attention(role: str):
+    """A config field holding the name of an attention type that can play `role`."""
+    return Annotated[str, AfterValidator(lambda name: check_attention(name, role))]
+
+
+CausalAttention, EncoderAttention, CrossAttention = (attention(r) for r in (CAUSAL, ENCODER, CROSS))
 
 
 class OptimConfig(Section):
@@ -52,108 +65,25 @@ class LoaderConfig(Section):
     pin_memory: bool = False
 
 
-class TextDataConfig(LoaderConfig):
-    # `builtin:pydoc_topics` (text shipped with Python), a local file or directory
-    # (.txt/.json/.jsonl/.parquet/.csv), or a Hugging Face hub dataset name.
-    source: str = "builtin:pydoc_topics"
-    text_column: str = "text"
-    block_size: int = Field(128, ge=2)
-    val_fraction: float = Field(0.05, gt=0, lt=1)
-
-
-def _check_registered(name: str, known: list[str], what: str) -> str:
-    if name not in known:
-        hint = difflib.get_close_matches(name, known, n=3)
-        raise ValueError(f"unknown {what} {name!r}"
-                         + (f"; did you mean {', '.join(hint)}?" if hint else f"; known: {', '.join(known)}"))
-    return name
-
-
 class EncoderConfig(Section):
+    """The shape of a fast-transformers stack."""
+
     d_model: int = Field(128, ge=8)
     n_heads: int = Field(4, ge=1)
     d_ff: int = Field(512, ge=1)
     dropout: float = Field(0.0, ge=0, lt=1)
 
-    @field_validator("n_heads")
-    @classmethod
-    def _heads_divide_width(cls, n_heads: int, info) -> int:
-        d_model = info.data.get("d_model")
-        if d_model is not None and d_model % n_heads:
-            raise ValueError(f"n_heads={n_heads} must divide d_model={d_model}")
-        return n_heads
-
-
-class SequenceModelConfig(EncoderConfig):
-    arch: Literal["transformer", "lstm"] = "transformer"
-    d_model: int = Field(256, ge=8)
-    n_layers: int = Field(4, ge=1)
-    d_ff: int = Field(1024, ge=1)
-    # Any attention registered in fast-transformers' AttentionRegistry that supports a causal mask.
-    attention_type: str = "chunked-causal-linear"
-    attention_chunk_size: int = Field(64, ge=1)
-
-    @field_validator("attention_type")
-    @classmethod
-    def _known_attention(cls, name: str) -> str:
-        from train.models.attention import registered_attention_types
-
-        return _check_registered(name, registered_attention_types(), "attention type")
-
-
-class LMTaskConfig(Section):
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    sample_prompt: str = "The "
-    sample_tokens: int = Field(200, ge=0, description="tokens sampled at each eval; 0 disables")
-    sample_temperature: float = Field(0.8, gt=0)
-    sample_top_k: int = Field(40, ge=0)
-
-
-class VisionDataConfig(LoaderConfig):
-    # `builtin:digits` (scikit-learn's 8x8 handwritten digits, no network), `torchvision:NAME`
-    # (e.g. torchvision:MNIST, torchvision:CIFAR10, under `root`), an image directory (`train/`
-    # and `val/` class folders, or class folders split by val_fraction), or a Hugging Face image
-    # dataset: `hf:NAME` / any other name (hub) or `hf:DIR` (local imagefolder).
-    source: str = "builtin:digits"
-    root: str = Field("data", description="where torchvision datasets live")
-    download: bool = Field(False, description="let torchvision datasets download into root")
-    image_column: str = "image"
-    label_column: str = "label"
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="for sources without a val split")
-    max_train_samples: int | None = Field(None, ge=1)
-    max_val_samples: int | None = Field(None, ge=1)
-    image_size: int | None = Field(None, ge=8, description="None: the pretrained crop size or 224")
-    # auto: `affine` for digits and letters (a flipped 2 is no 2), `crop_flip` otherwise.
-    augment: Literal["auto", "crop_flip", "affine", "none"] = "auto"
-
-
-class VisionModelConfig(Section):
-    name: str = "resnet18"  # any torchvision classification model
-    num_classes: int | None = Field(None, ge=1, description="None: the classes found in the data")
-    # None (random init), a torchvision weights name (DEFAULT, ResNet18_Weights.IMAGENET1K_V1)
-    # or a local checkpoint file.
-    weights: str | None = None
-    freeze_backbone: bool = False
-    channels_last: bool = False
-
-    @field_validator("name")
-    @classmethod
-    def _known_model(cls, name: str) -> str:
-        from train.models.vision import check_model_name
-
-        return check_model_name(name)
-
-    @field_validator("weights")
-    @classmethod
-    def _known_weights(cls, weights: str | None, info) -> str | None:
-        from train.models.vision import check_weights
-
-        name = info.data.get("name")  # absent when the name itself was rejected
-        return weights if name is None else check_weights(name, weights)
+    @model_validator(mode="after")
+    def _heads_divide_width(self):
+        # Checked after every field, so a default n_heads is checked against a new d_model too.
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model} "
+                             "(set both so that the head width d_model / n_heads is whole)")
+        return self
 
 
 class PaddedDataConfig(LoaderConfig):
-    """Variable-length token sequences, padded per batch."""
+    """Variable-length token sequences, padded per batch (seq2seq, text classification)."""
 
     tokenizer: str = Field("byte", description="'byte' or the path of a Hugging Face tokenizer.json")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="for sources without a val split")
@@ -162,79 +92,10 @@ class PaddedDataConfig(LoaderConfig):
     length_window: int = Field(1024, ge=0)
 
 
-class PairDataConfig(PaddedDataConfig):
-    # `builtin:sort` / `builtin:reverse` (lowercase strings) / `builtin:add` ("12+345" -> "357"),
-    # made on the fly; a local .jsonl/.json/.csv/.parquet file or directory; or a hub dataset.
-    source: str = "builtin:sort"
-    source_column: str = "source"
-    target_column: str = "target"
-    max_source_length: int = Field(256, ge=1, description="tokens; longer sources are cut")
-    max_target_length: int = Field(256, ge=2, description="tokens incl. EOS; also the decode cap")
-
-
-class LabelledTextDataConfig(PaddedDataConfig):
-    # `builtin:majority` (which of a/b/c occurs most in a string), a local file or directory,
-    # or a hub dataset with a text and a label column (integer, ClassLabel or string labels).
-    source: str = "builtin:majority"
-    text_column: str = "text"
-    label_column: str = "label"
-    max_length: int = Field(512, ge=1, description="tokens; longer texts are cut")
-
-
-class Seq2SeqModelConfig(EncoderConfig):
-    n_encoder_layers: int = Field(2, ge=1)
-    n_decoder_layers: int = Field(2, ge=1)
-    # Source encoder: any non-causal attention in fast-transformers' AttentionRegistry.
-    encoder_attention_type: str = "linear"
-    # Decoder self-attention: causal, with a recurrent form for decoding.
-    self_attention_type: str = "chunked-causal-linear"
-    # Decoder cross attention: with a recurrent cross form (linear or full).
-    cross_attention_type: str = "linear"
-    attention_chunk_size: int = Field(64, ge=1)
-
-    @field_validator("encoder_attention_type")
-    @classmethod
-    def _known_encoder(cls, name: str) -> str:
-        from train.models.attention import registered_encoder_attention_types
-
-        return _check_registered(name, registered_encoder_attention_types(), "attention type")
-
-    @field_validator("self_attention_type")
-    @classmethod
-    def _known_self(cls, name: str) -> str:
-        from train.models.attention import registered_attention_types
-
-        return _check_registered(name, registered_attention_types(), "attention type")
-
-    @field_validator("cross_attention_type")
-    @classmethod
-    def _known_cross(cls, name: str) -> str:
-        from train.models.attention import registered_cross_attention_types
-
-        return _check_registered(name, registered_cross_attention_types(), "cross attention type")
-
-
-class Seq2SeqTaskConfig(Section):
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    decode_examples: int = Field(8, ge=0, description="decoded val examples logged as a table")
-
-
-class TextClassifierConfig(EncoderConfig):
-    n_layers: int = Field(2, ge=1)
-    attention_type: str = "linear"
-    num_classes: int | None = Field(None, ge=2, description="None: the classes found in the data")
-
-    @field_validator("attention_type")
-    @classmethod
-    def _known_attention(cls, name: str) -> str:
-        from train.models.attention import registered_encoder_attention_types
-
-        return _check_registered(name, registered_encoder_attention_types(), "attention type")
-
-
 class RunConfig(Section):
-    """Keys shared by every task."""
+    """Keys shared by every task. A task's schema subclasses it (see train/tasks/)."""
 
+    task: str
     output_dir: str
     seed: int = 0
     max_steps: int = Field(ge=1, description="optimizer steps")
@@ -268,41 +129,7 @@ class RunConfig(Section):
         return "no" if value is False else value  # YAML 1.1 reads an unquoted `no` as false
 
 
-class LMConfig(RunConfig):
-    task: Literal["lm"]
-    data: TextDataConfig = TextDataConfig()
-    model: SequenceModelConfig = SequenceModelConfig()
-    lm: LMTaskConfig = LMTaskConfig()
-
-
-class ClassifyConfig(RunConfig):
-    task: Literal["classify"]
-    data: VisionDataConfig = VisionDataConfig()
-    model: VisionModelConfig = VisionModelConfig()
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    example_images: int = Field(16, ge=0, description="validation images logged as a grid; 0: none")
-
-
-class Seq2SeqConfig(RunConfig):
-    task: Literal["seq2seq"]
-    data: PairDataConfig = PairDataConfig()
-    model: Seq2SeqModelConfig = Seq2SeqModelConfig()
-    seq2seq: Seq2SeqTaskConfig = Seq2SeqTaskConfig()
-
-
-class TextClassifyConfig(RunConfig):
-    task: Literal["text_classify"]
-    data: LabelledTextDataConfig = LabelledTextDataConfig()
-    model: TextClassifierConfig = TextClassifierConfig()
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-
-
-# One schema per task; `task:` picks it.
-CONFIG_BY_TASK: dict[str, type[RunConfig]] = {"lm": LMConfig, "classify": ClassifyConfig,
-                                              "seq2seq": Seq2SeqConfig,
-                                              "text_classify": TextClassifyConfig}
-TASK_NAMES = tuple(CONFIG_BY_TASK)
-
+# --- reading a config: YAML file + dotted overrides -> a raw tree -> a validated schema ---
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -348,17 +175,18 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _describe(err: dict, raw: dict) -> str:
-    loc = [str(p) for p in err["loc"]]
-    key = ".".join(loc) or "<root>"
-    if err["type"] == "extra_forbidden":
-        fields = _field_names(CONFIG_BY_TASK[raw["task"]], loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], fields, n=3)
-        return f"unknown key {key!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
-    if err["type"] == "missing":
-        return f"missing required key {key!r}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}={err.get('input')!r}: {msg}"
+def read(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
+    """The raw config tree of a YAML file with overrides applied (not yet validated)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass a YAML file, e.g. configs/lm_tiny.yaml)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return _merge(raw, parse_overrides(list(overrides)))
 
 
 def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
@@ -372,32 +200,25 @@ def _field_names(model: type[BaseModel], path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def validate(raw: dict) -> RunConfig:
-    if not isinstance(raw, dict):
-        raise ConfigError("config must be a YAML mapping of keys to values")
-    if "task" not in raw:
-        raise ConfigError(f"missing required key 'task' (one of: {', '.join(TASK_NAMES)})")
-    if raw["task"] not in TASK_NAMES:
-        raise ConfigError(f"task={raw['task']!r}: unknown task; choose one of: {', '.join(TASK_NAMES)}")
+def _describe(err: dict, schema: type[BaseModel]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<root>"
+    if err["type"] == "extra_forbidden":
+        hint = difflib.get_close_matches(loc[-1], _field_names(schema, loc[:-1]), n=3)
+        return f"unknown key {key!r}" + (f" (did you mean {', '.join(hint)}?)" if hint else "")
+    if err["type"] == "missing":
+        return f"missing required key {key!r}"
+    msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(err.get("input"), dict):  # a check across a section's keys
+        return f"{key}: {msg}" if loc else msg
+    return f"{key}={err.get('input')!r}: {msg}"
+
+
+def validate_as(schema: type[RunConfig], raw: dict) -> RunConfig:
     try:
-        return CONFIG_BY_TASK[raw["task"]].model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe(e, raw) for e in exc.errors()]
-        raise ConfigError("; ".join(problems)) from None
-
-
-def load(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config, apply overrides, validate. Raises ConfigError."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (pass a YAML file, e.g. configs/lm_tiny.yaml)")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
-    return validate(_merge(raw, parse_overrides(list(overrides))))
+        raise ConfigError("; ".join(_describe(e, schema) for e in exc.errors())) from None
 
 
 def to_dict(config: BaseModel) -> dict:

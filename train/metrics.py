@@ -3,6 +3,7 @@ Accelerate) and the progress bar. Only the main process writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import netrc
 import os
@@ -134,3 +135,99 @@ def _for_trackers(extras: dict[str, Any], step: int) -> dict[str, Any]:
         else:
             out[key] = value  # already a tracker object (e.g. wandb.Image)
     return out
+
+
+class StepStats:
+    """What the loop records about its steps, kept on the device so that no step waits for it;
+    read (one transfer) at log steps and before evaluations and checkpoints.
+
+    An *applied* step changed the weights. A *bad* one had a non-finite loss or gradient norm:
+    without fp16 those are exactly the skipped steps; under fp16 the grad scaler also skips
+    steps whose gradients overflowed, which is routine (it lowers its scale), not bad.
+    """
+
+    def __init__(self, device: torch.device, bad_before: int = 0):
+        self.zero = torch.zeros((), device=device)
+        self.bad_run = self.zero.clone()  # bad steps in a row up to now, across windows
+        self.bad = self.zero + bad_before  # bad steps of the whole run (a resumed one too)
+        self.fp16_skipped = 0  # known on the host: the grad scaler reads its flag every step
+        self.new_window()
+
+    def new_window(self) -> None:
+        self.loss_sum, self.norm_sum = self.zero.clone(), self.zero.clone()  # over applied steps
+        self.applied = self.zero.clone()
+        self.worst_run, self.worst_run_end = self.zero.clone(), self.zero.clone()  # and its step
+        self.counters: dict[str, torch.Tensor] = {}  # the task's (images, tokens, ...)
+
+    def count(self, batch_counters: dict[str, torch.Tensor]) -> None:
+        for key, value in batch_counters.items():
+            self.counters[key] = self.counters.get(key, 0) + value
+
+    def add_step(self, step: int, loss, grad_norm, applied, bad) -> None:
+        self.loss_sum += torch.where(applied, loss, 0)  # a skipped step's may be NaN
+        self.norm_sum += torch.where(applied, grad_norm, 0)
+        self.applied += applied
+        self.bad += bad
+        self.bad_run = (self.bad_run + 1) * bad
+        self.worst_run_end = torch.where(self.bad_run > self.worst_run, step, self.worst_run_end)
+        self.worst_run = torch.maximum(self.worst_run, self.bad_run)
+
+    def read(self, accelerator) -> dict:
+        """The window so far, over all ranks: sums, and maxima of the bad-step counts (`bad`
+        counts the whole run)."""
+        keys = sorted(self.counters)  # the same on every rank
+        local = torch.stack([self.loss_sum, self.norm_sum, self.applied, self.bad, self.worst_run,
+                             self.worst_run_end, *(self.counters[k].float() for k in keys)])
+        rows = accelerator.gather(local[None]).tolist()  # the host waits for the device here
+        total, most = [sum(col) for col in zip(*rows)], [max(col) for col in zip(*rows)]
+        return {"loss_sum": total[0], "norm_sum": total[1], "applied": total[2],
+                "bad": int(most[3]), "worst_run": int(most[4]), "worst_run_end": int(most[5]),
+                "counters": dict(zip(keys, total[6:]))}
+
+
+class WindowTimer:
+    """Wall time of the current log window, less its pauses (evaluations and checkpoints are
+    not training throughput), and how much of it was spent waiting for data."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+    @contextlib.contextmanager
+    def waiting_for_data(self):
+        t0 = time.perf_counter()
+        yield
+        self.data_wait += time.perf_counter() - t0
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def training_record(seen: dict, timer: WindowTimer, *, lr: float, samples_per_step: int,
+                    accumulation: int, flops_per_sample: float | None, peak: float | None,
+                    world: int, fp16_skipped: int, epoch: int, device: torch.device) -> dict:
+    """The metrics.jsonl line of a log step, from a StepStats window and its timer. Taken after
+    the read: on a GPU the window's time then includes all of its device work."""
+    elapsed = timer.elapsed()
+    applied = max(seen["applied"], 1)
+    samples = timer.steps * samples_per_step
+    record = {"loss": seen["loss_sum"] / (applied * accumulation), "lr": lr,
+              "grad_norm": seen["norm_sum"] / applied, "step_time_s": elapsed / timer.steps,
+              "samples_per_s": samples / elapsed,
+              **{f"{k}_per_s": v / elapsed for k, v in seen["counters"].items()},
+              "data_wait_frac": timer.data_wait / elapsed, "fp16_skipped_steps": fp16_skipped,
+              "nonfinite_steps": seen["bad"], "epoch": epoch,
+              "peak_mem_mb": peak_memory_mb(device)}
+    if flops_per_sample is not None:  # None: the model has a part without a FLOPs formula
+        record["model_tflops_per_s"] = flops_per_sample * record["samples_per_s"] / 1e12
+        if peak is not None:  # model FLOPs utilization, over every process's device
+            record["mfu"] = record["model_tflops_per_s"] * 1e12 / (peak * world)
+    return record

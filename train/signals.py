@@ -12,8 +12,6 @@ import signal
 import torch
 import torch.distributed as dist
 
-# Documented in the README: the run saved a checkpoint and stopped early; run it again to resume.
-EXIT_STOPPED_BY_SIGNAL = 3
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

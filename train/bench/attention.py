@@ -44,7 +44,7 @@ from fast_transformers.recurrent.attention.self_attention.full_attention import 
     RecurrentFullAttention,
 )
 
-from train.config import SequenceModelConfig
+from train.tasks.lm import SequenceModelConfig
 from train.models.attention import ChunkedCausalLinearAttention, RecurrentFP32LinearAttention
 
 # Inputs are already feature-mapped (positive), so both linear modules get the identity map.

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from train.config import load
+from train.tasks import load_config as load
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {"lm": ROOT / "configs" / "lm_tiny.yaml", "vision": ROOT / "configs" / "vision_tiny.yaml"}
@@ -55,7 +55,7 @@ def _project_loop(task: str, steps: int, quick: bool) -> list[float]:
 
 def _bare_loop(task: str, steps: int, quick: bool) -> list[float]:
     """The loop a user would write by hand: no logging, no checkpoints, no trackers."""
-    from train.loop import optimizer_for, warmup_cosine
+    from train.optim import optimizer_for, schedule_for
     from train.tasks import build_task
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -68,8 +68,7 @@ def _bare_loop(task: str, steps: int, quick: bool) -> list[float]:
                               else "cpu")
         model.to(device).train()
         optimizer = optimizer_for(model, config.optim)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-            config.optim.warmup_steps, config.max_steps, config.optim.min_lr_ratio))
+        scheduler = schedule_for(optimizer, config)
         loader = torch.utils.data.DataLoader(
             train_set, batch_size=config.data.batch_size, shuffle=True, drop_last=True,
             num_workers=config.data.num_workers, collate_fn=task_obj.collate_fn)

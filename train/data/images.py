@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.data.loaders import seeded_split
 
 BUILTIN_PREFIX = "builtin:"

@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 
 def seeded_split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

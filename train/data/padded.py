@@ -18,7 +18,7 @@ import string
 import datasets
 import torch
 
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.data.loaders import seeded_split
 from train.data.text import BUILTIN_PREFIX, IGNORE_INDEX, load_raw
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import datasets
 
-from train.config import ConfigError
+from train.errors import ConfigError
 from train.data.tokenizer import ByteTokenizer
 
 BUILTIN_PREFIX = "builtin:"

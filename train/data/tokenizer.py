@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 
 class ByteTokenizer:

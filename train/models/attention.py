@@ -389,19 +389,4 @@ def _register() -> None:
     ])
 
 
-def registered_attention_types() -> list[str]:
-    """Attention types both builders know (a causal LM needs the parallel and recurrent form)."""
-    return sorted(set(AttentionRegistry.keys) & set(RecurrentAttentionRegistry.keys))
-
-
-def registered_encoder_attention_types() -> list[str]:
-    """Attention types an encoder can use: every registered one that does not need a causal mask."""
-    return sorted(name for name in AttentionRegistry.keys if "causal" not in name)
-
-
-def registered_cross_attention_types() -> list[str]:
-    """Cross attention types with a parallel and a recurrent (decoding) form."""
-    return sorted(set(AttentionRegistry.keys) & set(RecurrentCrossAttentionRegistry.keys))
-
-
 _register()

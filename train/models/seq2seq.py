@@ -19,9 +19,10 @@ from torch import nn
 from fast_transformers.builders import (RecurrentDecoderBuilder, TransformerDecoderBuilder,
                                         TransformerEncoderBuilder)
 from train.models.attention import NAME as CHUNKED
+from train.models.attention_types import ATTENTION_TYPES
+from train.models.generation import pick_tokens
 from train.models.masks import PaddingMask, causal_mask, full_mask, no_padding_mask
-from train.models.sequence import (FP32_ONLY_ATTENTION, FP32Attention, pick_tokens,
-                                   sinusoidal_positions)
+from train.models.sequence import FP32Attention, sinusoidal_positions
 
 
 def _layer_kwargs(d_model: int, n_heads: int, d_ff: int, dropout: float) -> dict:
@@ -52,15 +53,17 @@ class Seq2SeqTransformer(nn.Module):
         self.hparams = dict(vocab_size=vocab_size, d_model=d_model,
                             n_decoder_layers=n_decoder_layers, n_heads=n_heads, d_ff=d_ff,
                             dropout=dropout, self_attention_type=self_attention_type,
-                            cross_attention_type=cross_attention_type)
+                            cross_attention_type=cross_attention_type,
+                            attention_chunk_size=attention_chunk_size)
         layer = _layer_kwargs(d_model, n_heads, d_ff, dropout)
         self.embed = _Embedding(vocab_size, d_model)  # shared by source and target
         self.encoder = TransformerEncoderBuilder.from_kwargs(
             n_layers=n_encoder_layers, attention_type=encoder_attention_type, **layer).get()
-        chunk = {"causal_chunk_size": attention_chunk_size} if self_attention_type == CHUNKED else {}
-        self.decoder = TransformerDecoderBuilder.from_kwargs(**self._decoder_kwargs(), **chunk).get()
+        self_attention = ATTENTION_TYPES[self_attention_type]
+        self.decoder = TransformerDecoderBuilder.from_kwargs(
+            **self._decoder_kwargs(), **self_attention.builder_kwargs(self.hparams)).get()
         self.head = nn.Linear(d_model, vocab_size)
-        if self_attention_type in FP32_ONLY_ATTENTION:
+        if self_attention.fp32_only:
             for dec_layer in self.decoder.layers:
                 dec_layer.self_attention.inner_attention = FP32Attention(
                     dec_layer.self_attention.inner_attention)

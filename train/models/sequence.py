@@ -15,6 +15,7 @@ from torch import nn
 
 from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
 import train.models.attention  # noqa: F401  (registers chunked-causal-linear)
+from train.models.attention_types import ATTENTION_TYPES
 from train.models.masks import causal_mask, no_padding_mask
 
 
@@ -26,23 +27,6 @@ def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
     angles = positions.float().unsqueeze(-1) * freqs
     enc = torch.cat([angles.sin(), angles.cos()], dim=-1)
     return nn.functional.pad(enc, (0, dim - 2 * half))
-
-
-def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """Greedy (temperature 0) or sampled next tokens, (N, V) logits -> (N,)."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    scaled = logits.float().cpu() / temperature  # sampled on the CPU: one generator anywhere
-    if top_k:
-        kth = torch.topk(scaled, min(top_k, scaled.shape[-1])).values[:, -1:]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    picked = torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator).squeeze(1)
-    return picked.to(logits.device)
-
-
-# The library's compiled causal-linear kernel runs in fp32 only.
-FP32_ONLY_ATTENTION = {"causal-linear"}
 
 
 class FP32Attention(nn.Module):
@@ -75,7 +59,7 @@ class TransformerLM(nn.Module):
         self.encoder = TransformerEncoderBuilder.from_kwargs(
             **self._builder_kwargs(), **self._parallel_only_kwargs()).get()
         self.head = nn.Linear(d_model, vocab_size)
-        if attention_type in FP32_ONLY_ATTENTION:
+        if ATTENTION_TYPES[attention_type].fp32_only:
             for layer in self.encoder.layers:
                 layer.attention.inner_attention = FP32Attention(layer.attention.inner_attention)
 
@@ -88,9 +72,7 @@ class TransformerLM(nn.Module):
                     attention_type=h["attention_type"])
 
     def _parallel_only_kwargs(self) -> dict:
-        if self.hparams["attention_type"] == "chunked-causal-linear":
-            return {"causal_chunk_size": self.hparams["attention_chunk_size"]}
-        return {}
+        return ATTENTION_TYPES[self.hparams["attention_type"]].builder_kwargs(self.hparams)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         n, length = input_ids.shape
@@ -132,16 +114,6 @@ def weight_flops_per_token(model: nn.Module, skip: tuple[str, ...] = ("embed",))
     not start with `skip`. Embedding lookups are not matmuls."""
     return 2 * sum(p.numel() for name, p in model.named_parameters()
                    if p.ndim >= 2 and not name.startswith(skip))
-
-
-def attention_flops_per_token(attention_type: str, length: float, d_model: int,
-                              n_heads: int) -> float:
-    """One attention layer, per token: softmax attention ("full") is O(L d), the scores and the
-    weighted sum of L values; linear attention is O(d^2 / heads), folding the key into the
-    key-value state and reading the state with the query."""
-    if attention_type == "full":
-        return 2 * 2 * length * d_model
-    return 2 * 2 * d_model * (d_model // n_heads)
 
 
 class LSTMLM(nn.Module):

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights, list_models
 
-from train.config import ConfigError
+from train.errors import ConfigError
 
 # Head modules that a search by type alone could confuse with something else, by name prefix:
 # squeezenet's head is a 1x1 conv (followed by ReLU and pooling), and so are its fire modules'

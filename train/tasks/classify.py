@@ -2,17 +2,70 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field, field_validator
 from torch.nn import functional as F
 
-from train.config import ConfigError
+from train.config import LoaderConfig, RunConfig, Section
 from train.data.images import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image_splits,
                                train_transform)
-from train.models.vision import build_classifier, pretrained_weights
+from train.errors import ConfigError
+from train.models.vision import (build_classifier, check_model_name, check_weights,
+                                 pretrained_weights)
+from train.tasks import register_task
 
 DEFAULT_IMAGE_SIZE = 224
 
 
+class VisionDataConfig(LoaderConfig):
+    # `builtin:digits` (scikit-learn's 8x8 handwritten digits, no network), `torchvision:NAME`
+    # (e.g. torchvision:MNIST, torchvision:CIFAR10, under `root`), an image directory (`train/`
+    # and `val/` class folders, or class folders split by val_fraction), or a Hugging Face image
+    # dataset: `hf:NAME` / any other name (hub) or `hf:DIR` (local imagefolder).
+    source: str = "builtin:digits"
+    root: str = Field("data", description="where torchvision datasets live")
+    download: bool = Field(False, description="let torchvision datasets download into root")
+    image_column: str = "image"
+    label_column: str = "label"
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="for sources without a val split")
+    max_train_samples: int | None = Field(None, ge=1)
+    max_val_samples: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=8, description="None: the pretrained crop size or 224")
+    # auto: `affine` for digits and letters (a flipped 2 is no 2), `crop_flip` otherwise.
+    augment: Literal["auto", "crop_flip", "affine", "none"] = "auto"
+
+
+class VisionModelConfig(Section):
+    name: str = "resnet18"  # any torchvision classification model
+    num_classes: int | None = Field(None, ge=1, description="None: the classes found in the data")
+    # None (random init), a torchvision weights name (DEFAULT, ResNet18_Weights.IMAGENET1K_V1)
+    # or a local checkpoint file.
+    weights: str | None = None
+    freeze_backbone: bool = False
+    channels_last: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        return check_model_name(name)
+
+    @field_validator("weights")
+    @classmethod
+    def _known_weights(cls, weights: str | None, info) -> str | None:
+        name = info.data.get("name")  # absent when the name itself was rejected
+        return weights if name is None else check_weights(name, weights)
+
+
+class ClassifyConfig(RunConfig):
+    data: VisionDataConfig = VisionDataConfig()
+    model: VisionModelConfig = VisionModelConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    example_images: int = Field(16, ge=0, description="validation images logged as a grid; 0: none")
+
+
+@register_task("classify", ClassifyConfig)
 class ImageClassificationTask:
     collate_fn = None  # items are (CHW float tensor, int label): the default collate stacks them
     length_grouping = None

@@ -4,17 +4,55 @@ evaluated by decoding with its recurrent twin (exact match of whole outputs)."""
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch.nn import functional as F
 
-from train.config import ConfigError
+from train.config import (CausalAttention, CrossAttention, EncoderAttention, EncoderConfig,
+                          PaddedDataConfig, RunConfig, Section)
 from train.data.padded import PadPairs, pair_datasets, sample_lengths
 from train.data.text import IGNORE_INDEX
 from train.data.tokenizer import build_tokenizer
+from train.errors import ConfigError
+from train.models.attention_types import attention_flops
 from train.models.seq2seq import Seq2SeqTransformer
-from train.models.sequence import attention_flops_per_token, weight_flops_per_token
+from train.models.sequence import weight_flops_per_token
+from train.tasks import register_task
 
 
+class PairDataConfig(PaddedDataConfig):
+    # `builtin:sort` / `builtin:reverse` (lowercase strings) / `builtin:add` ("12+345" -> "357"),
+    # made on the fly; a local .jsonl/.json/.csv/.parquet file or directory; or a hub dataset.
+    source: str = "builtin:sort"
+    source_column: str = "source"
+    target_column: str = "target"
+    max_source_length: int = Field(256, ge=1, description="tokens; longer sources are cut")
+    max_target_length: int = Field(256, ge=2, description="tokens incl. EOS; also the decode cap")
+
+
+class Seq2SeqModelConfig(EncoderConfig):
+    n_encoder_layers: int = Field(2, ge=1)
+    n_decoder_layers: int = Field(2, ge=1)
+    encoder_attention_type: EncoderAttention = "linear"  # over the source, bidirectional
+    self_attention_type: CausalAttention = "chunked-causal-linear"  # decoder, with a recurrent form
+    cross_attention_type: CrossAttention = "linear"  # decoder to source, with a recurrent form
+    attention_chunk_size: int = Field(64, ge=1)
+
+
+class Seq2SeqTaskConfig(Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    decode_examples: int = Field(8, ge=0, description="decoded val examples logged as a table")
+
+
+class Seq2SeqConfig(RunConfig):
+    data: PairDataConfig = PairDataConfig()
+    model: Seq2SeqModelConfig = Seq2SeqModelConfig()
+    seq2seq: Seq2SeqTaskConfig = Seq2SeqTaskConfig()
+
+
+@register_task("seq2seq", Seq2SeqConfig)
 class Seq2SeqTask:
+    generate_input = "source"
+
     def __init__(self, config):
         self.config = config
         self.tokenizer = build_tokenizer(config.data.tokenizer, specials=True)
@@ -39,24 +77,19 @@ class Seq2SeqTask:
             m.n_heads, m.d_ff, m.dropout, m.encoder_attention_type, m.self_attention_type,
             m.cross_attention_type, m.attention_chunk_size)
 
-    def flops_per_sample(self, model) -> float:
-        """From the architecture, at the training set's mean lengths; training = 3x forward.
-        Cross attention: linear costs d_model * d_head per source and per target token
-        (building and reading the key-value state), full costs source_length * d_model per
-        target token, for scores and for the weighted sum."""
+    def flops_per_sample(self, model) -> float | None:
+        """From the architecture, at the training set's mean lengths; training = 3x forward."""
         m, (src, tgt) = self.config.model, self.mean_lengths
-        head = m.d_model // m.n_heads
-        encoder = src * (weight_flops_per_token(model, ("embed", "decoder", "head"))
-                         + m.n_encoder_layers * attention_flops_per_token(
-                             m.encoder_attention_type, src, m.d_model, m.n_heads))
-        decoder = tgt * (weight_flops_per_token(model, ("embed", "encoder"))
-                         + m.n_decoder_layers * attention_flops_per_token(
-                             m.self_attention_type, tgt, m.d_model, m.n_heads))
-        if m.cross_attention_type == "full":
-            cross = tgt * 2 * 2 * src * m.d_model
-        else:
-            cross = (src + tgt) * 2 * m.d_model * head
-        return 3 * (encoder + decoder + m.n_decoder_layers * cross)
+        attention = [attention_flops(m.encoder_attention_type, src, src, m.d_model, m.n_heads),
+                     attention_flops(m.self_attention_type, tgt, tgt, m.d_model, m.n_heads),
+                     attention_flops(m.cross_attention_type, tgt, src, m.d_model, m.n_heads)]
+        if None in attention:
+            return None
+        encoder, self_attention, cross = attention
+        weights = (src * weight_flops_per_token(model, ("embed", "decoder", "head"))
+                   + tgt * weight_flops_per_token(model, ("embed", "encoder")))
+        return 3 * (weights + m.n_encoder_layers * encoder
+                    + m.n_decoder_layers * (self_attention + cross))
 
     def _nll(self, model, batch, reduction: str, label_smoothing: float = 0.0):
         logits = model(batch["source"], batch["source_lengths"], batch["target_in"])
@@ -96,7 +129,7 @@ class Seq2SeqTask:
         rows = [self.val_set[i] for i in range(n)]
         sources = [self.tokenizer.decode(r["source_ids"]) for r in rows]
         targets = [self.tokenizer.decode(r["target_ids"]) for r in rows]
-        decoded = decode_texts(self, model, sources, self.config.data.max_target_length)
+        decoded = self.generate(model, sources, None, None, 0, None)
         extras = {"decoded": " | ".join(f"{s} -> {d}" for s, d in zip(sources[:3], decoded))}
         if self.config.wandb.mode != "disabled":
             import wandb
@@ -107,20 +140,18 @@ class Seq2SeqTask:
             extras["val/decoded_examples"] = table
         return extras
 
-
-@torch.no_grad()
-def decode_texts(task: Seq2SeqTask, model, sources: list[str], max_new_tokens: int,
-                 temperature: float = 0.0, top_k: int = 0,
-                 generator: torch.Generator | None = None) -> list[str]:
-    """Texts in, decoded texts out (greedy at temperature 0), in one batch."""
-    collate = task.collate_fn
-    ids = [task.tokenizer.encode(s)[: task.config.data.max_source_length] for s in sources]
-    if not all(ids):
-        raise ConfigError("every source text needs at least one token")
-    batch = collate([{"source_ids": x, "target_ids": []} for x in ids])
-    device = next(model.parameters()).device
-    model.eval()
-    decoded = model.recurrent().decode(
-        batch["source"].to(device), batch["source_lengths"].to(device), collate.bos_id,
-        collate.eos_id, max_new_tokens, temperature, top_k, generator)
-    return [task.tokenizer.decode(row) for row in decoded]
+    @torch.no_grad()
+    def generate(self, model, inputs, max_new_tokens, temperature, top_k, generator):
+        """Decode source texts in one batch: greedy unless a temperature is given; at most
+        data.max_target_length tokens unless max_new_tokens is given."""
+        ids = [self.tokenizer.encode(s)[: self.config.data.max_source_length] for s in inputs]
+        if not all(ids):
+            raise ConfigError("every source text needs at least one token")
+        batch = self.collate_fn([{"source_ids": x, "target_ids": []} for x in ids])
+        device = next(model.parameters()).device
+        model.eval()
+        decoded = model.recurrent().decode(
+            batch["source"].to(device), batch["source_lengths"].to(device), self.tokenizer.bos_id,
+            self.tokenizer.eos_id, max_new_tokens or self.config.data.max_target_length,
+            temperature or 0.0, top_k, generator)
+        return [self.tokenizer.decode(row) for row in decoded]

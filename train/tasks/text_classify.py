@@ -5,15 +5,41 @@ matrix summed over ranks, so they are exact whatever the sharding."""
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch.nn import functional as F
 
-from train.config import ConfigError
+from train.config import EncoderAttention, EncoderConfig, PaddedDataConfig, RunConfig
 from train.data.padded import PadTexts, labelled_text_datasets, sample_lengths
 from train.data.tokenizer import build_tokenizer
+from train.errors import ConfigError
+from train.models.attention_types import attention_flops
 from train.models.seq2seq import SequenceClassifier
-from train.models.sequence import attention_flops_per_token, weight_flops_per_token
+from train.models.sequence import weight_flops_per_token
+from train.tasks import register_task
 
 
+class LabelledTextDataConfig(PaddedDataConfig):
+    # `builtin:majority` (which of a/b/c occurs most in a string), a local file or directory,
+    # or a hub dataset with a text and a label column (integer, ClassLabel or string labels).
+    source: str = "builtin:majority"
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(512, ge=1, description="tokens; longer texts are cut")
+
+
+class TextClassifierConfig(EncoderConfig):
+    n_layers: int = Field(2, ge=1)
+    attention_type: EncoderAttention = "linear"
+    num_classes: int | None = Field(None, ge=2, description="None: the classes found in the data")
+
+
+class TextClassifyConfig(RunConfig):
+    data: LabelledTextDataConfig = LabelledTextDataConfig()
+    model: TextClassifierConfig = TextClassifierConfig()
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+
+
+@register_task("text_classify", TextClassifyConfig)
 class TextClassificationTask:
     def __init__(self, config):
         self.config = config
@@ -44,12 +70,13 @@ class TextClassificationTask:
         return SequenceClassifier(self.tokenizer.vocab_size, self.num_classes, m.d_model,
                                   m.n_layers, m.n_heads, m.d_ff, m.dropout, m.attention_type)
 
-    def flops_per_sample(self, model) -> float:
+    def flops_per_sample(self, model) -> float | None:
         """From the architecture at the training set's mean length; training = 3x forward."""
         m, length = self.config.model, self.mean_length
-        per_token = weight_flops_per_token(model) + m.n_layers * attention_flops_per_token(
-            m.attention_type, length, m.d_model, m.n_heads)
-        return 3 * per_token * length
+        attention = attention_flops(m.attention_type, length, length, m.d_model, m.n_heads)
+        if attention is None:
+            return None
+        return 3 * (weight_flops_per_token(model) * length + m.n_layers * attention)
 
     def loss(self, model, batch):
         logits = model(batch["ids"], batch["lengths"]).float()

@@ -1,0 +1,51 @@
+"""Every failure the user is meant to read, with the process exit status it maps to.
+
+A leaf module: it imports nothing of the project, so config, data, models and the loop can all
+raise these without import cycles. `python -m train` (and the other commands) print the message
+as one line on stderr and exit with the status; anything else that escapes is a bug.
+"""
+
+from __future__ import annotations
+
+EXIT_BUG = 1
+EXIT_BAD_INPUT = 2
+EXIT_STOPPED_BY_SIGNAL = 3
+EXIT_DIVERGED = 4
+EXIT_ENVIRONMENT = 5
+
+
+class TrainError(Exception):
+    """A failure with a message meant for the user as it is, and the exit status it means."""
+
+    exit_code = EXIT_BUG
+    prefix = "error: "
+
+    def __init__(self, message: str, *, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet  # e.g. on every rank but the first, which says it for all
+
+
+class ConfigError(TrainError, ValueError):
+    """Bad input: a config file, key, type or value, a data source, a path, a checkpoint to
+    resume from. Raised before anything is written."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class StoppedBySignal(TrainError):
+    """SIGTERM/SIGUSR1 arrived: every rank saved the same checkpoint and the run stopped early."""
+
+    exit_code = EXIT_STOPPED_BY_SIGNAL
+    prefix = ""
+
+
+class Diverged(TrainError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class EnvironmentFailure(TrainError):
+    """The machine failed the run (disk full, permission, I/O error), not the input."""
+
+    exit_code = EXIT_ENVIRONMENT
