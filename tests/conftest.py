@@ -18,6 +18,20 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_cache(tmp_path_factory):
+    """Token stores and trained tokenizers of this session live in a folder of its own, for
+    the runs in this process and in subprocesses alike."""
+    path = tmp_path_factory.mktemp("train-cache")
+    previous = os.environ.get("TRAIN_CACHE")
+    os.environ["TRAIN_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("TRAIN_CACHE", None)
+    else:
+        os.environ["TRAIN_CACHE"] = previous
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

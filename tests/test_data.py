@@ -1,11 +1,14 @@
-"""Data: packing into LM blocks, training shards (disjoint, complete, reshuffled per epoch),
+"""Data: the LM token stream and its blocks, training shards (disjoint, complete, reshuffled per epoch),
 evaluation shards (each sample exactly once), and resuming part-way into an epoch."""
+
+import json
 
 import torch
 from torch.utils.data import TensorDataset
 
+from train.data import IGNORE_INDEX
+from train.data.corpus import load_tokenizer, prepare
 from train.data.loaders import ShardSampler, batches_forever, eval_loader, train_loader
-from train.data.text import IGNORE_INDEX, lm_blocks, lm_datasets
 from train.data.tokenizer import ByteTokenizer
 
 
@@ -14,45 +17,56 @@ def _write_text(path, lines):
     return path
 
 
+def _corpus(tmp_path, source, **data):
+    """The train and validation blocks `task: lm` trains on, for a data section."""
+    from train.tasks.lm import TextDataConfig
+
+    cfg = TextDataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), **data)
+    corpus, tokenizer = prepare(cfg, load_tokenizer(cfg.tokenizer), show_progress=False)
+    return corpus, tokenizer
+
+
 def test_byte_tokenizer_round_trips_unicode():
     tok = ByteTokenizer()
     text = "naïve café — ∑"
     assert tok.decode(tok.encode(text)) == text
-    assert max(tok.encode(text)) < tok.vocab_size
+    assert max(tok.encode(text)) < tok.vocab_size == 259  # 256 bytes + PAD, BOS, EOS
 
 
-def test_blocks_are_shifted_next_byte_targets(tmp_path):
-    import datasets
-
-    raw = datasets.Dataset.from_dict({"text": ["abcdefghij", "klmnop"]})
-    blocks = lm_blocks(raw, "text", block_size=4, tokenizer=ByteTokenizer())
-    stream = list(b"abcdefghij\nklmnop\n")
-    first = blocks[0]
-    assert first["input_ids"].tolist() == stream[0:4]
-    assert first["labels"].tolist() == stream[1:5]
-    # Every byte after the first is a target exactly once; the short tail is padded + ignored.
+def test_blocks_are_views_of_the_token_stream_with_next_token_targets(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"abcdefghij\n")
+    (tmp_path / "b.txt").write_bytes(b"klmnop")
+    corpus, tok = _corpus(tmp_path, tmp_path / "*.txt", block_size=4, val_fraction=0.01)
+    stream = list(b"abcdefghij\n") + [tok.eos_id] + list(b"klmnop") + [tok.eos_id]
+    blocks = [corpus.train[i] for i in range(len(corpus.train))] + [
+        corpus.val[i] for i in range(len(corpus.val))]
+    assert blocks[0]["input_ids"].tolist() == stream[0:4]
+    assert blocks[0]["labels"].tolist() == stream[1:5]
+    # Every token after the first of each split is a target exactly once (files in sorted
+    # order, each followed by EOS); the validation's short tail is padded and ignored.
     targets = [t for b in blocks for t in b["labels"].tolist() if t != IGNORE_INDEX]
-    assert targets == stream[1:]
-    assert blocks[len(blocks) - 1]["labels"].tolist()[-1] == IGNORE_INDEX
+    train_targets = [t for i in range(len(corpus.train))
+                     for t in corpus.train[i]["labels"].tolist()]
+    assert targets[:len(train_targets)] == stream[1:len(train_targets) + 1]
+    assert corpus.val[len(corpus.val) - 1]["labels"].tolist()[-1] == IGNORE_INDEX
 
 
 def test_validation_is_the_held_out_tail(tmp_path):
-    src = _write_text(tmp_path / "t.txt", [f"line {i:03d} " + "x" * 20 for i in range(200)])
-    train, val = lm_datasets(str(src), "text", 16, 0.1, ByteTokenizer())
-    decode = ByteTokenizer().decode
-    val_text = "".join(decode(b["input_ids"].tolist()) for b in val)
-    train_text = "".join(decode(b["input_ids"].tolist()) for b in train)
-    assert "line 199" in val_text and "line 199" not in train_text
-    assert "line 000" in train_text and "line 000" not in val_text
+    src = _write_text(tmp_path / "t.txt", [f"line {i:04d} " + "x" * 20 for i in range(2000)])
+    corpus, tok = _corpus(tmp_path, src, block_size=16, val_fraction=0.1)
+    text = lambda blocks: "".join(tok.decode(blocks[i]["input_ids"].tolist())  # noqa: E731
+                                  for i in range(len(blocks)))
+    val_text, train_text = text(corpus.val), text(corpus.train)
+    assert "line 1999" in val_text and "line 1999" not in train_text
+    assert "line 0000" in train_text and "line 0000" not in val_text
+    assert 0.09 < corpus.val_bytes / src.stat().st_size < 0.11
 
 
 def test_local_jsonl_source_with_text_column(tmp_path):
-    import json
-
     src = tmp_path / "d.jsonl"
     src.write_text("".join(json.dumps({"body": f"row {i}"}) + "\n" for i in range(40)))
-    train, val = lm_datasets(str(src), "body", 8, 0.25, ByteTokenizer())
-    assert len(train) > 0 and len(val) > 0
+    corpus, _ = _corpus(tmp_path, src, text_column="body", block_size=8, val_fraction=0.25)
+    assert len(corpus.train) > 0 and len(corpus.val) > 0
 
 
 def _indices(loader):

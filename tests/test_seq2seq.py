@@ -27,7 +27,7 @@ SMALL_S2S = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_en
 SMALL_CLS = ["model.d_model=32", "model.n_heads=2", "model.d_ff=64", "model.n_layers=1",
              "data.builtin_examples=600", "data.batch_size=16", "data.eval_batch_size=32",
              "optim.warmup_steps=2"]
-VOCAB = ByteTokenizer(specials=True).vocab_size
+VOCAB = ByteTokenizer().vocab_size
 
 
 def padded_batch(lengths: list[int], width: int, seed: int = 0):
@@ -104,7 +104,7 @@ def test_batched_decoding_equals_one_row_at_a_time():
 
 def test_builtin_pairs_are_a_fixed_problem_with_held_out_inputs():
     config = load(SEQ2SEQ, ["output_dir=/tmp/x", "data.builtin_examples=2000"])
-    tokenizer = build_tokenizer("byte", specials=True)
+    tokenizer = build_tokenizer("byte")
     train, val = pair_datasets(config.data, tokenizer, seed=0)
     again, _ = pair_datasets(config.data, tokenizer, seed=99)  # the data does not follow the seed
     assert (len(train), len(val)) == (1900, 100)
@@ -287,7 +287,7 @@ def test_labelled_texts_from_local_files_number_string_labels(tmp_path):
     config = load(TEXT_CLASSIFY, ["output_dir=/tmp/x", f"data.source={tmp_path / 'reviews.csv'}",
                                   "data.text_column=review", "data.label_column=sentiment",
                                   "data.val_fraction=0.2"])
-    tokenizer = build_tokenizer("byte", specials=True)
+    tokenizer = build_tokenizer("byte")
     train, val, classes = labelled_text_datasets(config.data, tokenizer, seed=0)
     assert classes == ["meh", "neg", "pos"] and (len(train), len(val)) == (24, 6)
     names = {tokenizer.decode(r["ids"]): classes[r["label"]] for r in train}

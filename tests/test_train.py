@@ -14,8 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun, train_here
 from train.tasks import load_config as load
-from train.data.text import lm_datasets
-from train.data.tokenizer import ByteTokenizer
+from train.tasks.lm import LanguageModelingTask
 
 LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
 # A model small enough that a handful of steps takes seconds on 2 cores.
@@ -46,7 +45,9 @@ def test_run_directory_holds_resolved_config_metrics_and_checkpoints(lm_run):
     assert train_rows[-1]["loss"] < train_rows[0]["loss"]
     evals = [r for r in rows if "val/bpb" in r]
     assert [r["step"] for r in evals] == [3, 6]
-    assert evals[-1]["val/bpb"] == pytest.approx(evals[-1]["val/loss"] / math.log(2))
+    # Byte tokens: one token per byte, plus an EOS after each document (here one).
+    assert evals[-1]["val/bpb"] == pytest.approx(evals[-1]["val/loss"] / math.log(2), rel=1e-3)
+    assert evals[-1]["val/bpb"] > evals[-1]["val/loss"] / math.log(2)
     assert isinstance(evals[-1]["sample"], str)
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000003", "step_00000006"]
@@ -54,11 +55,14 @@ def test_run_directory_holds_resolved_config_metrics_and_checkpoints(lm_run):
 
 def test_eval_counts_every_validation_token_once(lm_run):
     out, _ = lm_run
-    config = load(out / "config.yaml")
-    _, val = lm_datasets(config.data.source, "text", config.data.block_size,
-                         config.data.val_fraction, ByteTokenizer())
-    expected = int((val[:]["labels"] != -100).sum())
-    assert read_jsonl(out / "metrics.jsonl")[-1]["val/tokens"] == expected
+    assert read_jsonl(out / "metrics.jsonl")[-1]["val/tokens"] == _val_targets(
+        load(out / "config.yaml"))
+
+
+def _val_targets(config) -> int:
+    """Tokens the validation set asks the model to predict."""
+    _, val = LanguageModelingTask(config).datasets()
+    return sum(int((val[i]["labels"] != -100).sum()) for i in range(len(val)))
 
 
 def test_wandb_offline_run_holds_config_and_history(lm_run):
@@ -123,7 +127,7 @@ def test_lstm_trains_through_the_same_loop(tmp_path):
 
 def test_two_rank_torchrun_shards_data_and_logs_once(tmp_path):
     src = tmp_path / "text.txt"
-    src.write_text("".join(f"{i} bottles of beer on the wall\n" for i in range(420)))
+    src.write_text("".join(f"{i} bottles of beer on the wall\n" for i in range(421)))
     out = tmp_path / "ddp"
     proc = run_torchrun(2, "train", LM_TINY, f"output_dir={out}", f"data.source={src}",
                         "max_steps=4", "log_every=2", "eval_every=4", "wandb.mode=offline",
@@ -134,9 +138,9 @@ def test_two_rank_torchrun_shards_data_and_logs_once(tmp_path):
     # Each optimizer step consumed batch_size samples on each of the 2 ranks.
     first = next(r for r in rows if "loss" in r)
     assert first["tokens_per_s"] == pytest.approx(first["samples_per_s"] * 32, rel=1e-6)
-    _, val = lm_datasets(str(src), "text", 32, 0.05, ByteTokenizer())
-    assert len(val) % 2 == 1, "the validation set should be odd-sized for this check"
-    assert rows[-1]["val/tokens"] == int((val[:]["labels"] != -100).sum())
+    config = load(LM_TINY, [f"output_dir={out}", f"data.source={src}", *TINY])
+    assert len(LanguageModelingTask(config).datasets()[1]) % 2 == 1, "want an odd-sized val set"
+    assert rows[-1]["val/tokens"] == _val_targets(config)
     assert len(read_wandb_run(out)["run_ids"]) == 1
 
 

@@ -20,10 +20,13 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from train import faults
 from train.errors import ConfigError
 
 LOOP_STATE = "loop_state.json"
+STREAM_STATE = "stream_state_{rank}.pt"
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 # Keys that may differ between a checkpoint's config and the resuming run's config: they change
@@ -97,8 +100,11 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
-def save(accelerator, run_dir: str | os.PathLike, loop_state: dict, keep: int) -> Path:
-    """Collective: every rank calls it (each saves its own RNG state)."""
+def save(accelerator, run_dir: str | os.PathLike, loop_state: dict, keep: int,
+         files: dict[str, Path] | None = None, stream_state: dict | None = None) -> Path:
+    """Collective: every rank calls it (each saves its own RNG state, and with a stream where
+    its part of the stream stands). `files` are copied in too (name -> path), e.g. the run's
+    tokenizer."""
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{loop_state['step']:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
@@ -108,8 +114,12 @@ def save(accelerator, run_dir: str | os.PathLike, loop_state: dict, keep: int) -
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if stream_state is not None:
+        torch.save(stream_state, tmp / STREAM_STATE.format(rank=accelerator.process_index))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, path in (files or {}).items():
+            shutil.copyfile(path, tmp / name)
         faults.during_save(loop_state["step"])
         state = {**loop_state, "manifest": _manifest(tmp)}
         (tmp / LOOP_STATE).write_text(json.dumps(state, indent=1))
@@ -177,6 +187,16 @@ def load(accelerator, candidates: list[Path], config: dict, allow_config_change:
     if problems:
         raise ConfigError("no usable checkpoint to resume from: " + "; ".join(problems))
     return None
+
+
+def load_stream_state(checkpoint: Path, rank: int) -> dict:
+    """Where this rank's part of the training stream stood (tensors and plain data only)."""
+    path = checkpoint / STREAM_STATE.format(rank=rank)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"{checkpoint}: cannot read {path.name} ({type(exc).__name__}); "
+                          "the stream position of this process is lost") from None
 
 
 def latest_verified(run_dir: str | os.PathLike) -> Path | None:

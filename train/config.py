@@ -92,6 +92,9 @@ class PaddedDataConfig(LoaderConfig):
     length_window: int = Field(1024, ge=0)
 
 
+AUTO_EVAL_BATCHES = 100
+
+
 class RunConfig(Section):
     """Keys shared by every task. A task's schema subclasses it (see train/tasks/)."""
 
@@ -107,7 +110,10 @@ class RunConfig(Section):
     compile: bool = False
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
-    eval_max_batches: int | None = Field(None, ge=1, description="cap per process; None = whole set")
+    # Batches per process an evaluation covers: auto = at most AUTO_EVAL_BATCHES during
+    # training (the same ones each time) and the whole set at the end; an integer caps every
+    # evaluation; null covers the whole set every time.
+    eval_max_batches: Literal["auto"] | Annotated[int, Field(ge=1)] | None = "auto"
     checkpoint_every: int = Field(500, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     progress_bar: bool = True

@@ -29,7 +29,8 @@ def load_run(run_dir: Path):
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); "
                           "pass the output_dir of a training run")
-    config = load_config(run_dir / "config.yaml")
+    # The run directory may have moved since: its files (e.g. the tokenizer) are read here.
+    config = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
     if not task_spec(config.task).generates:
         raise ConfigError(f"{run_dir} trained a {config.task!r} model, which does not generate; "
                           "generation needs a language model or a seq2seq model")

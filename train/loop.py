@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import uuid
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import send_to_device, set_seed
 
 from train import checkpoint, faults
-from train.config import RunConfig, save as save_config, to_dict
-from train.data.loaders import batches_forever, eval_loader, train_loader
+from train.config import AUTO_EVAL_BATCHES, RunConfig, save as save_config, to_dict
+from train.data.loaders import TrainBatches, eval_loader, train_loader
 from train.errors import ConfigError, Diverged, StoppedBySignal
 from train.metrics import (MetricsLogger, StepStats, WindowTimer, peak_flops, training_record,
                            wandb_mode)
@@ -41,10 +42,9 @@ def train(config: RunConfig) -> dict[str, float]:
         run = set_up(config, teardown)
         stats = StepStats(run.accelerator.device, run.state["nonfinite_steps"])
         timer, last = WindowTimer(), {}
-        batches = batches_forever(run.train_dl, run.state["epoch"], run.state["samples_in_epoch"])
         for step in range(run.state["step"] + 1, config.max_steps + 1):
-            epoch, consumed = train_step(run, batches, stats, timer, step)
-            run.state.update(step=step, epoch=epoch, samples_in_epoch=consumed)
+            train_step(run, stats, timer, step)
+            run.state.update(step=step, **run.batches.position())
             run.metrics.advance()
             faults.after_step(step, run.accelerator.process_index)
 
@@ -65,7 +65,7 @@ def train(config: RunConfig) -> dict[str, float]:
                     accumulation=config.gradient_accumulation_steps,
                     flops_per_sample=run.flops_per_sample, peak=run.peak,
                     world=run.accelerator.num_processes, fp16_skipped=stats.fp16_skipped,
-                    epoch=epoch, device=run.accelerator.device)
+                    epoch=run.state["epoch"], device=run.accelerator.device)
                 run.metrics.log(step, last)
                 stats.new_window()
                 timer.reset()
@@ -75,7 +75,8 @@ def train(config: RunConfig) -> dict[str, float]:
                 if save_now:
                     checkpoint.save(run.accelerator, run.run_dir, {
                         **run.state, "scheduler": run.scheduler.state_dict(),
-                        "config": to_dict(config)}, config.keep_checkpoints)
+                        "config": to_dict(config)}, config.keep_checkpoints, run_files(run.task),
+                        run.batches.stream_state())
             if stopped:
                 run.metrics.write(f"stop signal received: saved step {step}; run again to resume")
                 raise StoppedBySignal(f"stopped at step {step} of {config.max_steps}; a "
@@ -95,7 +96,7 @@ class Run:
     adamw: torch.optim.AdamW  # the optimizer itself; `optimizer` is Accelerate's wrapper of it
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    train_dl: torch.utils.data.DataLoader
+    batches: TrainBatches  # the training data from where the run stands
     val_dl: torch.utils.data.DataLoader
     state: dict  # what a checkpoint saves besides Accelerate's state
     run_dir: Path
@@ -126,12 +127,17 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
 
     train_dl, val_dl = make_loaders(config, accelerator, task, train_set, val_set)
     run_dir, world = Path(config.output_dir), accelerator.num_processes
-    state, resumed_from = resume(config, accelerator, scheduler, run_dir)
+    state, resumed_from, stream_state = resume(config, accelerator, scheduler, run_dir,
+                                               streaming=not hasattr(train_set, "__len__"))
+    batches = TrainBatches(train_dl, state["epoch"], state["samples_in_epoch"], stream_state)
 
     # From here on the run directory is written.
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
+        for name, path in run_files(task).items():  # e.g. a tokenizer trained for this run
+            if Path(path).resolve() != (run_dir / name).resolve():
+                shutil.copyfile(path, run_dir / name)
     start_trackers(config, accelerator, run_dir, state["wandb_run_id"])
     metrics = MetricsLogger(accelerator, run_dir, config.max_steps, state["step"],
                             config.progress_bar)
@@ -144,15 +150,22 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
     state["world_size"] = world
     metrics.write(f"{world} process(es) on {accelerator.device}, "
                   f"{sum(p.numel() for p in model.parameters()):,} parameters, "
-                  f"{len(train_set):,} train / {len(val_set):,} val samples"
+                  + (f"{len(train_set):,} train" if hasattr(train_set, "__len__") else
+                     "a training stream") + f" / {len(val_set):,} val samples"
                   + ("" if flops_per_sample is not None else
                      "; MFU unknown (no FLOPs formula for a part of this model)"))
     stop = StopFlag().install()
     teardown.callback(stop.restore)
     model.train()
-    return Run(config, accelerator, task, model, adamw, optimizer, scheduler, train_dl, val_dl,
+    return Run(config, accelerator, task, model, adamw, optimizer, scheduler, batches, val_dl,
                state, run_dir, metrics, stop, flops_per_sample,
                peak_flops(accelerator.device, config.mixed_precision))
+
+
+def run_files(task: Task) -> dict[str, Path]:
+    """Files the task made for this run (e.g. a trained tokenizer): kept in the run directory
+    and in every checkpoint, so that the run and each checkpoint are complete on their own."""
+    return getattr(task, "run_files", {})
 
 
 def make_loaders(config: RunConfig, accelerator: Accelerator, task: Task, train_set, val_set):
@@ -169,20 +182,29 @@ def make_loaders(config: RunConfig, accelerator: Accelerator, task: Task, train_
     return train_dl, val_dl
 
 
-def resume(config: RunConfig, accelerator: Accelerator, scheduler, run_dir: Path):
-    """(loop state, the checkpoint it was restored from or None). Restores the model,
-    optimizer, grad scaler and RNG states (Accelerate) and the schedule in place."""
+def resume(config: RunConfig, accelerator: Accelerator, scheduler, run_dir: Path,
+           streaming: bool):
+    """(loop state, the checkpoint it was restored from or None, this rank's stream position
+    or None). Restores the model, optimizer, grad scaler and RNG states (Accelerate) and the
+    schedule in place."""
     state = {"step": 0, "epoch": 0, "samples_in_epoch": 0,
              "world_size": accelerator.num_processes,
              "wandb_run_id": uuid.uuid4().hex[:12], "nonfinite_steps": 0}
     resumed = checkpoint.load(accelerator, checkpoint.resume_point(config.resume, run_dir),
                               to_dict(config), config.allow_config_change)
     if resumed is None:
-        return state, None
+        return state, None, None
     saved = resumed[1]
     scheduler.load_state_dict(saved.pop("scheduler"))
     state.update({k: saved[k] for k in state})  # the saved W&B id: the same run continues
-    return state, resumed[0]
+    stream_state = None
+    if streaming:
+        if state["world_size"] != accelerator.num_processes:
+            raise ConfigError(f"a streaming run resumes on the processes it ran on: {resumed[0]} "
+                              f"was saved by {state['world_size']}, this run has "
+                              f"{accelerator.num_processes}")
+        stream_state = checkpoint.load_stream_state(resumed[0], accelerator.process_index)
+    return state, resumed[0], stream_state
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -237,14 +259,13 @@ def start_trackers(config: RunConfig, accelerator: Accelerator, run_dir: Path,
         print(f"W&B {mode} run {run_id}: {where}", file=sys.stderr)
 
 
-def train_step(run: Run, batches, stats: StepStats, timer: WindowTimer, step: int):
-    """One optimizer step over gradient_accumulation_steps micro-batches. Returns the data
-    position after it: (epoch, samples of the epoch consumed by all ranks)."""
+def train_step(run: Run, stats: StepStats, timer: WindowTimer, step: int) -> None:
+    """One optimizer step over gradient_accumulation_steps micro-batches."""
     accelerator, model = run.accelerator, run.model
     step_loss = torch.zeros((), device=accelerator.device)
     for _ in range(run.config.gradient_accumulation_steps):
         with timer.waiting_for_data():
-            epoch, consumed, batch = next(batches)
+            batch = next(run.batches)
             batch = send_to_device(batch, accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
             loss, batch_counters = run.task.loss(model, batch)
@@ -275,7 +296,6 @@ def train_step(run: Run, batches, stats: StepStats, timer: WindowTimer, step: in
     stats.add_step(step, step_loss, grad_norm.detach(), applied, bad)
     run.optimizer.zero_grad(set_to_none=True)
     timer.steps += 1
-    return epoch, consumed
 
 
 def read_stats(run: Run, stats: StepStats) -> dict:
@@ -298,7 +318,10 @@ def evaluate_and_log(run: Run, step: int) -> dict[str, float]:
     accelerator = run.accelerator
     sync_buffers(accelerator, run.model)
     model = accelerator.unwrap_model(run.model)
-    results = evaluate(accelerator, run.task, model, run.val_dl, run.config.eval_max_batches)
+    cap = run.config.eval_max_batches
+    if cap == "auto":  # a bounded cost during training, the whole set at the end
+        cap = None if step == run.config.max_steps else AUTO_EVAL_BATCHES
+    results = evaluate(accelerator, run.task, model, run.val_dl, cap)
     extras = run.task.eval_extras(model, step) if accelerator.is_main_process else {}
     run.model.train()
     run.metrics.log(step, results, extras)

@@ -26,9 +26,9 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from train.errors import ConfigError
+from train.data import BUILTIN_PREFIX, load_hub_dataset
 from train.data.loaders import seeded_split
 
-BUILTIN_PREFIX = "builtin:"
 TORCHVISION_PREFIX = "torchvision:"
 HF_PREFIX = "hf:"
 VAL_DIR_NAMES = ("val", "validation", "valid", "test")
@@ -307,17 +307,10 @@ def _hugging_face(name: str, cfg, seed: int) -> ImageSplits:
     import datasets
 
     path = Path(name).expanduser()
-    try:
-        if path.is_dir():
-            loaded = datasets.load_dataset("imagefolder", data_dir=str(path))
-        else:
-            loaded = datasets.load_dataset(name)
-    except Exception as exc:  # datasets raises many types (not found, offline, gated, ...)
-        raise ConfigError(f"data.source={cfg.source!r}: cannot load it as a Hugging Face "
-                          f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
-    if "train" not in loaded:
-        raise ConfigError(f"data.source={cfg.source!r}: no 'train' split (has: "
-                          f"{', '.join(loaded)})")
+    if path.is_dir():
+        loaded = load_hub_dataset(cfg.source, "imagefolder", data_dir=str(path))
+    else:
+        loaded = load_hub_dataset(cfg.source, name)
     train_ds = loaded["train"]
     for column in (cfg.image_column, cfg.label_column):
         if column not in train_ds.column_names:

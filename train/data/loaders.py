@@ -7,11 +7,14 @@ so every validation sample is counted exactly once when the per-rank sums are re
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from train.data.permutation import permute
 from train.errors import ConfigError
 
 
@@ -42,29 +45,38 @@ class ResumableDistributedSampler(DistributedSampler):
 
     Each epoch is one permutation of the dataset (seed + epoch), the same on every rank; rank r
     takes positions r, r + world, ... of it. After k batches per rank, exactly the first
-    k * batch_size * world positions are consumed, whatever the rank count was.
+    k * batch_size * world positions are consumed, whatever the rank count was. The permutation
+    is computed a chunk of positions at a time (train.data.permutation): no list of the epoch's
+    indices exists, so an epoch of 10^9 samples costs the same memory as one of 10.
     """
 
     skip = 0  # global positions of the current epoch's permutation already consumed
+    CHUNK = 1 << 16  # positions computed at a time
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
         super().set_epoch(epoch)
         self.skip = skip
 
-    def _epoch_order(self) -> list[int]:
-        generator = torch.Generator()
-        generator.manual_seed(self.seed + self.epoch)  # the same order DistributedSampler uses
-        return torch.randperm(len(self.dataset), generator=generator).tolist()
+    def _order(self, lo: int, hi: int) -> np.ndarray:
+        """Indices at positions [lo, hi) of this epoch's order."""
+        return permute(np.arange(lo, hi), len(self.dataset), self.seed, self.epoch)
 
-    def _remaining(self) -> list[int]:
-        rest = self._epoch_order()[: self.total_size][self.skip:]
-        return rest[: len(rest) - len(rest) % self.num_replicas]  # equal shares: no rank waits
+    def _positions(self) -> tuple[int, int]:
+        """[first, end) of the global positions still to be taken, in equal shares."""
+        end = self.total_size  # drop_last: a multiple of the world size
+        first = min(self.skip, end)
+        return first, end - (end - first) % self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._remaining()[self.rank::self.num_replicas])
+        first, end = self._positions()
+        step = self.CHUNK - self.CHUNK % self.num_replicas  # chunks keep the rank phase
+        for lo in range(first, end, step):
+            order = self._order(lo, min(lo + step, end))
+            yield from order[self.rank::self.num_replicas].tolist()
 
     def __len__(self) -> int:
-        return len(self._remaining()) // self.num_replicas
+        first, end = self._positions()
+        return (end - first) // self.num_replicas
 
 
 class LengthGroupedSampler(ResumableDistributedSampler):
@@ -78,18 +90,26 @@ class LengthGroupedSampler(ResumableDistributedSampler):
         super().__init__(dataset, **kwargs)
         if len(lengths) != len(dataset):
             raise ValueError(f"{len(lengths)} lengths for {len(dataset)} samples")
-        self.lengths, self.window = lengths, window
+        self.lengths, self.window = np.asarray(lengths), window
 
-    def _epoch_order(self) -> list[int]:
-        order = super()._epoch_order()
-        return [i for start in range(0, len(order), self.window)
-                for i in sorted(order[start:start + self.window], key=self.lengths.__getitem__)]
+    def _order(self, lo: int, hi: int) -> np.ndarray:
+        w = self.window
+        first, last = lo // w * w, -(-hi // w) * w  # whole windows around [lo, hi)
+        order = super()._order(first, min(last, len(self.dataset)))
+        windows = [order[i:i + w] for i in range(0, len(order), w)]
+        grouped = np.concatenate([win[np.argsort(self.lengths[win], kind="stable")]
+                                  for win in windows])
+        return grouped[lo - first: hi - first]
 
 
 def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int,
                  num_workers: int = 0, pin_memory: bool = False, collate_fn=None,
                  length_grouping: tuple[list[int], int] | None = None) -> DataLoader:
-    """`length_grouping` = (length of each sample, window) turns on length-grouped batches."""
+    """`length_grouping` = (length of each sample, window) turns on length-grouped batches.
+    An IterableDataset (streaming) is split by rank instead of sampled."""
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return stream_loader(dataset, batch_size, num_replicas, rank, num_workers, pin_memory,
+                             collate_fn)
     kwargs = dict(num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if length_grouping is not None and length_grouping[1] > 1:
         sampler = LengthGroupedSampler(dataset, *length_grouping, **kwargs)
@@ -105,6 +125,22 @@ def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int
                       num_workers=num_workers, pin_memory=pin_memory,
                       persistent_workers=num_workers > 0, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))
+
+
+def stream_loader(dataset, batch_size: int, num_replicas: int, rank: int, num_workers: int = 0,
+                  pin_memory: bool = False, collate_fn=None):
+    """A checkpointable loader of a stream: each rank reads its own part (its shards when
+    they divide evenly, else every world-th row), and torchdata's StatefulDataLoader keeps
+    where every worker's stream stands (state_dict / load_state_dict)."""
+    from datasets.distributed import split_dataset_by_node
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    if num_replicas > 1:
+        dataset = split_dataset_by_node(dataset, rank=rank, world_size=num_replicas)
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")  # torchdata's own
+    return StatefulDataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                              pin_memory=pin_memory, collate_fn=collate_fn, drop_last=True,
+                              persistent_workers=False)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int,
@@ -131,3 +167,41 @@ def batches_forever(loader: DataLoader, start_epoch: int = 0, skip_samples: int 
             consumed += per_batch
             yield epoch, consumed, batch
         epoch, consumed = epoch + 1, 0
+
+
+class TrainBatches:
+    """The training batches of a run from where it stands, epoch after epoch, and where it
+    stands after each batch (what a checkpoint saves): `position()`, the same on every rank,
+    and for a stream `stream_state()`, each rank's own."""
+
+    def __init__(self, loader, epoch: int = 0, samples_in_epoch: int = 0,
+                 stream_state: dict | None = None):
+        self.loader = loader
+        self.epoch, self.consumed = epoch, samples_in_epoch
+        self.streaming = not hasattr(loader, "sampler") or not hasattr(
+            loader.sampler, "set_epoch")
+        self.per_batch = loader.batch_size * (1 if self.streaming else
+                                              loader.sampler.num_replicas)
+        if self.streaming and stream_state is not None:
+            loader.load_state_dict(stream_state["loader"])
+        self._batches = self._stream() if self.streaming else batches_forever(
+            loader, epoch, samples_in_epoch)
+
+    def _stream(self):
+        while True:
+            for batch in self.loader:
+                self.consumed += self.per_batch
+                yield batch
+            self.epoch, self.consumed = self.epoch + 1, 0
+
+    def __next__(self):
+        if self.streaming:
+            return next(self._batches)
+        self.epoch, self.consumed, batch = next(self._batches)
+        return batch
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "samples_in_epoch": self.consumed}
+
+    def stream_state(self) -> dict | None:
+        return {"loader": self.loader.state_dict()} if self.streaming else None

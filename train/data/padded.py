@@ -14,16 +14,40 @@ from __future__ import annotations
 
 import random
 import string
+from pathlib import Path
 
 import datasets
 import torch
 
 from train.errors import ConfigError
 from train.data.loaders import seeded_split
-from train.data.text import BUILTIN_PREFIX, IGNORE_INDEX, load_raw
+from train.data import BUILTIN_PREFIX, IGNORE_INDEX
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 BUILTIN_SEED = 1234  # the builtin data is a fixed benchmark, whatever the run's seed
+
+
+def load_raw(source: str, split: str | None = "train"):
+    """Raw rows of a local .jsonl/.json/.csv/.parquet file or directory, or a hub dataset: one
+    split as a Dataset, or with split=None every split as a DatasetDict (local files hold one
+    split, "train")."""
+    path = Path(source).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        kinds = {FILE_BUILDERS.get(p.suffix.lower()) for p in files}
+        if None in kinds or len(kinds) != 1:
+            raise ConfigError(
+                f"data.source={source!r}: expected files of one kind among "
+                f"{', '.join(sorted(FILE_BUILDERS))}; found {sorted({p.suffix for p in files})}")
+        return datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split=split)
+    if path.suffix.lower() in FILE_BUILDERS or source.startswith((".", "/", "~")):
+        raise ConfigError(f"data.source={source!r}: no such file or directory")
+    try:  # anything else is a Hugging Face hub dataset name
+        return datasets.load_dataset(source, split=split)
+    except Exception as exc:  # datasets raises many types (not found, offline, gated, ...)
+        raise ConfigError(f"data.source={source!r} is neither a local path nor a loadable hub "
+                         f"dataset ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
 
 
 # --- builtin problems with a known right answer ---

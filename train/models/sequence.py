@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
@@ -139,9 +140,28 @@ class LSTMLM(nn.Module):
         return self.head(out.squeeze(1)), state
 
 
+def checkpoint_layers(layers: nn.ModuleList) -> None:
+    """Recompute each layer's activations in the backward instead of storing them (activation
+    checkpointing). The layers keep their names and weights: checkpoints, the recurrent twin
+    and FSDP's wrapping by layer class are unchanged."""
+    for layer in layers:
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward, **kwargs):
+            if not torch.is_grad_enabled():
+                return _forward(*args, **kwargs)
+            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False,
+                                                     **kwargs)
+
+        layer.forward = checkpointed
+
+
 def build_sequence_model(cfg, vocab_size: int) -> nn.Module:
     """`cfg` is a SequenceModelConfig."""
     if cfg.arch == "lstm":
         return LSTMLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.dropout)
-    return TransformerLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
-                         cfg.dropout, cfg.attention_type, cfg.attention_chunk_size)
+    model = TransformerLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
+                          cfg.dropout, cfg.attention_type, cfg.attention_chunk_size)
+    if cfg.activation_checkpointing:
+        checkpoint_layers(model.encoder.layers)
+    return model

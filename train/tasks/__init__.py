@@ -31,6 +31,9 @@ class Task(Protocol):
     # (length of each training sample, window) for length-grouped batches that cut padding;
     # None = a plain shuffle. Set by datasets().
     length_grouping: tuple[list[int], int] | None
+    # Optional: files the task made for the run ({name: path}, e.g. a trained tokenizer), kept
+    # in the run directory and in every checkpoint.
+    run_files: dict[str, Any]
 
     def __init__(self, config: RunConfig) -> None: ...
 

@@ -1,17 +1,21 @@
-"""Causal language modelling on byte-tokenized text."""
+"""Causal language modelling: a corpus of any size (train.data.corpus), byte or BPE tokens, a
+fast-transformers model with its recurrent twin for sampling."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.nn import functional as F
 
 from train.config import CausalAttention, EncoderConfig, LoaderConfig, RunConfig, Section
-from train.data.text import IGNORE_INDEX, lm_datasets
-from train.data.tokenizer import ByteTokenizer
+from train.data import IGNORE_INDEX
+from train.data.corpus import load_tokenizer, prepare
+from train.data.tokenizer import bpe_vocab_size
+from train.errors import ConfigError
 from train.models.attention_types import attention_flops
 from train.models.generation import sample
 from train.models.sequence import build_sequence_model, weight_flops_per_token
@@ -19,12 +23,30 @@ from train.tasks import register_task
 
 
 class TextDataConfig(LoaderConfig):
-    # `builtin:pydoc_topics` (text shipped with Python), a local file or directory
-    # (.txt/.json/.jsonl/.parquet/.csv), or a Hugging Face hub dataset name.
+    # `builtin:pydoc_topics` (Python's pydoc topics, 466 KB), `builtin:python_stdlib` (the
+    # running Python's standard library sources, ~30 MB), a local file, directory or glob
+    # (text of any extension, read as bytes; .jsonl/.json/.parquet/.csv rows; .gz/.zst
+    # compressed), or a Hugging Face hub dataset name.
     source: str = "builtin:pydoc_topics"
-    text_column: str = "text"
+    text_column: str = Field("text", description="the text of structured files and hub rows")
+    # `byte`, the path of a tokenizer.json, or `bpe:VOCAB` (trained in the run).
+    tokenizer: str = "byte"
+    tokenizer_sample_mb: int = Field(64, ge=1, description="text a bpe:VOCAB tokenizer learns from")
     block_size: int = Field(128, ge=2)
-    val_fraction: float = Field(0.05, gt=0, lt=1)
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="for sources without a val split")
+    cache_dir: str | None = Field(None, description="token stores; None: $TRAIN_CACHE or "
+                                                    "~/.cache/train")
+    # Read, tokenize and pack on the fly in the loader workers (corpora bigger than the disk).
+    streaming: bool = False
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _bpe_size(cls, name: str) -> str:
+        try:
+            bpe_vocab_size(name)
+        except ConfigError as exc:
+            raise ValueError(str(exc).split(": ", 1)[1]) from None
+        return name
 
 
 class SequenceModelConfig(EncoderConfig):
@@ -34,6 +56,9 @@ class SequenceModelConfig(EncoderConfig):
     d_ff: int = Field(1024, ge=1)
     attention_type: CausalAttention = "chunked-causal-linear"
     attention_chunk_size: int = Field(64, ge=1)
+    # Recompute each layer's activations in the backward instead of keeping them: long
+    # contexts fit in memory for about a third more compute.
+    activation_checkpointing: bool = False
 
 
 class LMTaskConfig(Section):
@@ -58,14 +83,23 @@ class LanguageModelingTask:
 
     def __init__(self, config: LMConfig):
         self.config = config
-        self.tokenizer = ByteTokenizer()
+        # None for a bpe:VOCAB not trained yet: datasets() trains it.
+        self.tokenizer = load_tokenizer(config.data.tokenizer, run_dir=Path(config.output_dir))
         self.context_length = config.data.block_size  # positions the model is trained on
+        self.tokens_per_byte = 1.0
+        self.run_files: dict[str, Path] = {}  # copied into the run directory and checkpoints
 
     def datasets(self):
-        d = self.config.data
-        return lm_datasets(d.source, d.text_column, d.block_size, d.val_fraction, self.tokenizer)
+        corpus, self.tokenizer = prepare(self.config.data, self.tokenizer,
+                                         self.config.progress_bar)
+        self.tokens_per_byte = corpus.val_tokens / max(corpus.val_bytes, 1)
+        if hasattr(self.tokenizer, "path") and self.config.data.tokenizer.startswith("bpe:"):
+            self.run_files["tokenizer.json"] = self.tokenizer.path
+        return corpus.train, corpus.val
 
     def model(self):
+        if self.tokenizer is None:
+            raise RuntimeError("call datasets() first: the BPE vocabulary is learned from the data")
         return build_sequence_model(self.config.model, self.tokenizer.vocab_size)
 
     def flops_per_sample(self, model) -> float | None:
@@ -98,8 +132,10 @@ class LanguageModelingTask:
 
     def eval_metrics(self, sums):
         loss = sums["nll"] / max(sums["tokens"], 1)
-        # One token is one byte, so nats/token / ln 2 = bits per byte.
-        return {"val/loss": loss, "val/bpb": loss / math.log(2), "val/tokens": sums["tokens"]}
+        # Bits per byte of the original text, whatever the tokenizer: nats per token times the
+        # validation split's tokens per byte, over ln 2.
+        return {"val/loss": loss, "val/bpb": loss * self.tokens_per_byte / math.log(2),
+                "val/tokens": sums["tokens"]}
 
     def eval_extras(self, model, step):
         lm = self.config.lm

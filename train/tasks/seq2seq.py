@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from train.config import (CausalAttention, CrossAttention, EncoderAttention, EncoderConfig,
                           PaddedDataConfig, RunConfig, Section)
 from train.data.padded import PadPairs, pair_datasets, sample_lengths
-from train.data.text import IGNORE_INDEX
+from train.data import IGNORE_INDEX
 from train.data.tokenizer import build_tokenizer
 from train.errors import ConfigError
 from train.models.attention_types import attention_flops
@@ -55,7 +55,7 @@ class Seq2SeqTask:
 
     def __init__(self, config):
         self.config = config
-        self.tokenizer = build_tokenizer(config.data.tokenizer, specials=True)
+        self.tokenizer = build_tokenizer(config.data.tokenizer)
         self.collate_fn = PadPairs(self.tokenizer.pad_id, self.tokenizer.bos_id,
                                    self.tokenizer.eos_id)
         self.length_grouping = None

@@ -43,7 +43,7 @@ class TextClassifyConfig(RunConfig):
 class TextClassificationTask:
     def __init__(self, config):
         self.config = config
-        self.tokenizer = build_tokenizer(config.data.tokenizer, specials=True)
+        self.tokenizer = build_tokenizer(config.data.tokenizer)
         self.collate_fn = PadTexts(self.tokenizer.pad_id)
         self.length_grouping = None
         self.num_classes = config.model.num_classes

@@ -1,0 +1,219 @@
+"""The token store: a corpus tokenized once into one flat file of token ids, read through
+`numpy.memmap`, so that a run's memory stays flat whatever the corpus size.
+
+    CACHE/tokens/KEY/
+        tokens.bin   every document's tokens, each followed by EOS (uint16 when the
+                     vocabulary fits, else uint32)
+        index.npy    per segment of the source (<= 64 KiB of text): cumulative tokens and
+                     bytes at its end, so a split can be cut at a segment boundary and its
+                     original byte count is exact (bits per byte)
+        meta.json    counts, dtype, what was built from what
+
+KEY hashes the sources' identity (paths, sizes, mtimes; a builtin's content; a hub
+fingerprint), the tokenizer's identity and the format version: the second run with the same
+inputs opens the store at once. It is built in batches of segments (vectorized for bytes,
+`encode_batch` for tokenizers), with a progress bar in MB/s, into a temporary directory that is
+renamed into place when complete, so a killed build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from train.data.sources import TextSource, segment_bytes, segments
+from train.errors import ConfigError
+
+FORMAT = 1
+BATCH_BYTES = 16 << 20  # text per tokenizer call
+
+
+def cache_root(configured: str | None = None) -> Path:
+    return Path(configured or os.environ.get("TRAIN_CACHE") or Path.home() / ".cache" / "train")
+
+
+def store_key(source_identity, tokenizer_identity: str, split: str, segment: int) -> str:
+    blob = json.dumps([FORMAT, source_identity, tokenizer_identity, split, segment],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+@dataclass
+class TokenStore:
+    path: Path
+    meta: dict
+
+    @property
+    def tokens(self) -> np.memmap:
+        return np.memmap(self.path / "tokens.bin", dtype=self.meta["dtype"], mode="r",
+                         shape=(self.meta["tokens"],))
+
+    @property
+    def index(self) -> np.ndarray:
+        return np.load(self.path / "index.npy")  # (segments, 2): tokens, bytes at each end
+
+    def cut(self, val_fraction: float) -> tuple[int, int, int]:
+        """(token offset where validation starts, train bytes, validation bytes): the segment
+        boundary nearest to val_fraction of the bytes from the end (the last segment at
+        least goes to validation)."""
+        ends = self.index
+        total, target = int(ends[-1, 1]), (1 - val_fraction) * int(ends[-1, 1])
+        i = int(np.searchsorted(ends[:, 1], target))  # ends[i - 1] < target <= ends[i]
+        if i > 0 and (i >= len(ends) - 1 or target - ends[i - 1, 1] < ends[i, 1] - target):
+            i -= 1
+        if i >= len(ends) - 1:
+            return int(ends[-1, 0]), total, 0
+        return int(ends[i, 0]), int(ends[i, 1]), total - int(ends[i, 1])
+
+
+def open_store(source: TextSource, split: str, tokenizer, cache_dir: str | None = None,
+               show_progress: bool = True) -> TokenStore:
+    """The store of one split of `source`, built first if it is not in the cache."""
+    segment = segment_bytes(source.size_estimate(split))
+    path = cache_root(cache_dir) / "tokens" / store_key(source.identity, tokenizer.identity,
+                                                         split, segment)
+    meta_path = path / "meta.json"
+    if meta_path.is_file():
+        return TokenStore(path, json.loads(meta_path.read_text()))
+    return _build(source, split, tokenizer, path, segment, show_progress)
+
+
+def _build(source: TextSource, split: str, tokenizer, path: Path, segment_size: int,
+           show_progress: bool) -> TokenStore:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".tmp-{path.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise ConfigError(f"cannot write the token cache under {path.parent} ({exc.strerror}); "
+                          "set data.cache_dir or TRAIN_CACHE to a writable directory") from None
+    eos = np.asarray([tokenizer.eos_id], dtype=tokenizer.dtype)
+    counts = {"tokens": 0, "bytes": 0, "documents": 0, "replaced_bytes": 0}
+    first_replaced: list[str] = []
+    index: list[tuple[int, int]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=source.size_estimate(split), unit="B", unit_scale=True,
+               desc=f"tokenize {source.description} [{split}]", file=sys.stderr,
+               disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
+    try:
+        with open(tmp / "tokens.bin", "wb") as out:
+            batch: list[bytes] = []
+            ends: list[tuple[str, bool]] = []  # per segment: its document, and is it the last
+
+            def flush():
+                arrays, replaced = tokenizer.encode_segments(batch)
+                for (name, _), bad in zip(ends, replaced):
+                    if bad and not first_replaced:
+                        first_replaced.append(name)
+                counts["replaced_bytes"] += sum(replaced)
+                for segment, array, (_, last) in zip(batch, arrays, ends):
+                    out.write(array.tobytes())
+                    counts["tokens"] += len(array)
+                    counts["bytes"] += len(segment)
+                    if last:
+                        out.write(eos.tobytes())
+                        counts["tokens"] += 1
+                    index.append((counts["tokens"], counts["bytes"]))
+                    bar.update(len(segment))
+                batch.clear()
+                ends.clear()
+
+            pending = 0
+            for document in source.splits[split]:
+                pieces = document.read()
+                for text in (([piece] for piece in pieces) if document.rows else [pieces]):
+                    counts["documents"] += 1
+                    previous = None
+                    for segment in segments(iter(text), segment_size):
+                        if previous is not None:
+                            batch.append(previous)
+                            ends.append((document.name, False))
+                            pending += len(previous)
+                        previous = segment
+                    if previous is not None:
+                        batch.append(previous)
+                        ends.append((document.name, True))
+                        pending += len(previous)
+                    if pending >= BATCH_BYTES:
+                        flush()
+                        pending = 0
+            if batch:
+                flush()
+        bar.close()
+        if counts["bytes"] == 0:
+            raise ConfigError(f"data.source={source.description!r}: the {split} split holds no "
+                              "text (empty files?)")
+        np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64))
+        meta = {"format": FORMAT, "dtype": np.dtype(tokenizer.dtype).name, **counts,
+                "segment_bytes": segment_size, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.identity,
+                "source": source.description, "split": split,
+                "first_file_with_replaced_bytes": first_replaced[0] if first_replaced else None,
+                "build_seconds": round(time.perf_counter() - started, 3)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process finished the same store first: use theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            meta = json.loads((path / "meta.json").read_text())
+        return TokenStore(path, meta)
+    except BaseException:
+        bar.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class TokenBlocks(torch.utils.data.Dataset):
+    """Blocks of a token range as next-token examples: block i is the view
+    tokens[start + i*L : start + i*L + L + 1] (input = [:-1], labels = [1:]); nothing per block
+    is stored. With `pad_last`, a shorter last block is padded (labels IGNORE_INDEX), so an
+    evaluation covers every token of the range."""
+
+    def __init__(self, store: TokenStore, start: int, end: int, block_size: int,
+                 pad_last: bool = False):
+        self.store_path, self.meta = store.path, store.meta
+        self.start, self.end, self.block_size = start, end, block_size
+        span = end - start - 1  # predicted tokens
+        self.full = max(span, 0) // block_size
+        self.length = self.full + (1 if pad_last and span > self.full * block_size else 0)
+        self._tokens = None  # opened in each process on first use (workers, spawn)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getstate__(self):
+        return {**self.__dict__, "_tokens": None}
+
+    def _rows(self, indices) -> np.ndarray:
+        if self._tokens is None:
+            self._tokens = TokenStore(self.store_path, self.meta).tokens
+        L = self.block_size
+        out = np.full((len(indices), L + 1), -1, dtype=np.int64)
+        for row, i in enumerate(indices):
+            if not 0 <= i < self.length:
+                raise IndexError(i)
+            begin = self.start + i * L
+            piece = self._tokens[begin: min(begin + L + 1, self.end)]
+            out[row, :len(piece)] = piece
+        return out
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        from train.data import IGNORE_INDEX
+
+        rows = torch.from_numpy(self._rows(indices))
+        inputs, labels = rows[:, :-1].clamp(min=0), rows[:, 1:].clone()
+        labels[labels < 0] = IGNORE_INDEX
+        return [{"input_ids": x, "labels": y} for x, y in zip(inputs, labels)]
+
+    def __getitem__(self, i: int) -> dict:
+        return self.__getitems__([i])[0]
