@@ -5,6 +5,7 @@
 # nvidia/cuda *-devel images have them). No GPU is needed to build.
 #
 #   TORCH_CUDA_ARCH_LIST="8.0;9.0" MAX_JOBS=8 bash docker/build_fast_transformers.sh [PYTHON] [VERSION]
+#   (FAST_TRANSFORMERS_SDIST=PATH: build that local sdist instead of downloading it)
 #
 # Why not a plain `pip install pytorch-fast-transformers`:
 #  * 0.4.0 is published only as a source distribution whose setup.py imports torch, so it is
@@ -30,8 +31,12 @@ fi
 
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
-"$python" -m pip download --quiet --no-deps --no-build-isolation \
-  "pytorch-fast-transformers==${version}" -d "$work"
+if [[ -n ${FAST_TRANSFORMERS_SDIST:-} ]]; then  # a local sdist: no network needed
+  cp "$FAST_TRANSFORMERS_SDIST" "$work/pytorch-fast-transformers-${version}.tar.gz"
+else
+  "$python" -m pip download --quiet --no-deps --no-build-isolation \
+    "pytorch-fast-transformers==${version}" -d "$work"
+fi
 tar -xzf "$work/pytorch-fast-transformers-${version}.tar.gz" -C "$work"
 src="$work/pytorch-fast-transformers-${version}"
 

@@ -41,7 +41,7 @@ echo "node ${NODE_RANK}/${NNODES}: ${NPROC_PER_NODE} process(es)," \
      "rendezvous ${MASTER_ADDR}:${MASTER_PORT}" >&2
 # exec: signals sent to this script (SIGTERM from a scheduler) reach torchrun, which passes
 # them on to the training processes.
-exec "$PYTHON" -m torch.distributed.run \
+exec "$PYTHON" -m train.launch \
   --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE" \
   --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
   -m train "$@"

@@ -113,7 +113,7 @@ def single_process_metrics(run: Path) -> dict:
     task = build_task(config)
     _, val_set = task.datasets()
     model = task.model()
-    model.load_state_dict(load_model_weights(latest_checkpoint(run)))
+    model.load_state_dict(load_model_weights(latest_checkpoint(run), model))
     model.eval()
     sums = {}
     with torch.no_grad():

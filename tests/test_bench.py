@@ -74,3 +74,26 @@ def test_unknown_benchmark_exits_2_with_the_known_names():
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "no-such-bench" in lines[0] and "attention" in lines[0]
+
+
+def test_context_bench_runs_both_attentions_through_the_trainer():
+    from train.bench.context import bench_context, format_context
+
+    r = bench_context(quick=True)
+    assert [row["context"] for row in r["rows"]] == [64, 256]
+    for row in r["rows"]:
+        assert row["chunked_tokens_per_s"] > 0 and row["full_tokens_per_s"] > 0
+        assert row["ratio"] == pytest.approx(row["chunked_tokens_per_s"] / row["full_tokens_per_s"])
+    assert "chunked / full" in format_context(r)
+
+
+def test_data_bench_measures_ingest_against_the_copy_floor(tmp_path):
+    from train.bench.data import assemble_corpus, copy_rate, ingest
+    from train.data.tokenizer import ByteTokenizer
+
+    corpus = assemble_corpus(tmp_path / "corpus", 2)
+    assert sum(p.stat().st_size for p in corpus.iterdir() if p.suffix == ".py") >= 2_000_000
+    assert copy_rate(corpus, tmp_path / "copy") > 0 and not (tmp_path / "copy").exists()
+    byte = ingest(corpus, ByteTokenizer(), tmp_path / "cache")
+    assert byte["mb_per_s"] > 0 and byte["text_mb"] >= 2
+    assert 2.0 <= byte["bytes_per_token_on_disk"] <= 2.1

@@ -147,3 +147,100 @@ def test_divergence_is_noticed_at_the_next_log_step_and_not_saved(tmp_path):
     assert run >= 3 and last - first + 1 == run and last <= 10
     assert "no checkpoint was saved" in str(error)
     assert complete_checkpoints(out) == [] and not (out / "metrics.jsonl").read_text().strip()
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_tensors(finished_run, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    _, error = train_here(out / "config.yaml", f"output_dir={out}", "max_steps=8",
+                          "model.d_model=48", "allow_config_change=true")
+    assert isinstance(error, ConfigError) and "do not fit this model" in str(error)
+    assert "embed.weight (259, 32) vs (259, 48)" in str(error)
+
+
+def _can_mount() -> bool:
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    probe = tempfile.mkdtemp()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", probe],
+                        capture_output=True).returncode == 0
+    if ok:
+        subprocess.run(["umount", probe], check=True)
+    os.rmdir(probe)
+    return ok
+
+
+needs_mount = pytest.mark.skipif(not _can_mount(), reason="needs root and mount for a tmpfs")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs: a real filesystem that fills up."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@needs_mount
+def test_a_full_disk_during_a_save_is_an_environment_failure_and_resumes_later(small_disk,
+                                                                               capsys):
+    import subprocess
+
+    from train.__main__ import main
+    from train.checkpoint import verify
+    from train.errors import EXIT_ENVIRONMENT
+
+    out = small_disk / "run"
+    args = [str(LM_TINY), f"output_dir={out}", *TINY, "max_steps=30", "checkpoint_every=1",
+            "keep_checkpoints=30"]  # checkpoints pile up until the 2 MiB are full
+    assert main(args) == EXIT_ENVIRONMENT
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(lines) == 1 and "No space left on device" in lines[0], err[-2000:]
+    assert "Traceback" not in err
+    last = complete_checkpoints(out)[-1]
+    assert f"the last complete checkpoint is {last}" in lines[0]
+    verify(last)  # intact
+    assert not list((out / "checkpoints").glob(".tmp-*"))  # the half-written one is gone
+
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main(args) == 0  # space freed: the same command resumes and finishes
+    assert _steps(out) == list(range(1, 31))
+
+
+@needs_mount
+def test_a_read_only_output_dir_is_refused_before_any_work(small_disk):
+    import subprocess
+
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    _, error = train_here(LM_TINY, f"output_dir={small_disk / 'run'}", "max_steps=1", *TINY)
+    assert isinstance(error, ConfigError) and "is not writable" in str(error)
+
+
+def test_sharded_fsdp_weights_load_in_one_process(tmp_path):
+    """An FSDP SHARDED_STATE_DICT checkpoint (a torch.distributed.checkpoint folder under
+    pytorch_model_fsdp_0, as Accelerate writes it) is read on CPU by one process, as
+    train.generate does with a GPU run's checkpoint."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from train.checkpoint import load_model_weights
+    from train.models.sequence import TransformerLM
+
+    saved = TransformerLM(259, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    dcp.save({"model": saved.state_dict()}, checkpoint_id=str(tmp_path / "pytorch_model_fsdp_0"))
+    fresh = TransformerLM(259, d_model=32, n_layers=1, n_heads=2, d_ff=64)
+    fresh.load_state_dict(load_model_weights(tmp_path, fresh), strict=True)
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(),
+                                                 fresh.state_dict().values()))

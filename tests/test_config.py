@@ -99,3 +99,26 @@ def test_saved_config_round_trips(tmp_path):
     again = load(tmp_path / "config.yaml")
     assert again == config
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == config.optim.lr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    from train.tasks import load_config
+
+    assert load_config(path).output_dir
+
+
+def test_a_default_head_count_is_checked_against_a_new_width():
+    with pytest.raises(ConfigError, match="n_heads=4 must divide d_model=66"):
+        load(LM_TINY, ["model.d_model=66"])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: (d / "run").write_text("x"), "is a file, not a directory"),
+])
+def test_an_output_dir_that_cannot_be_a_run_directory_is_refused_first(tmp_path, make, message):
+    from conftest import train_here
+
+    make(tmp_path)
+    _, error = train_here(LM_TINY, f"output_dir={tmp_path / 'run'}", "max_steps=1")
+    assert isinstance(error, ConfigError) and message in str(error)

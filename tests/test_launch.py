@@ -101,7 +101,7 @@ JOB_BODY = LAUNCH / "slurm" / "job.sh"
 
 
 @pytest.mark.parametrize("path", [*SBATCH, JOB_BODY, LAUNCH / "slurm" / "local_cluster.sh",
-                                  LAUNCH / "torchrun_multinode.sh",
+                                  LAUNCH / "torchrun_multinode.sh", LAUNCH / "gpu_check.sh",
                                   DOCKER / "build_fast_transformers.sh", ROOT / ".ci" / "run"])
 def test_shell_syntax(path):
     subprocess.run(["bash", "-n", str(path)], check=True)
@@ -161,7 +161,7 @@ def test_each_node_gets_its_own_rank(tmp_path, launcher):
             assert flag(args, "--main_process_port") == str(20000 + 4321 % 20000)
             assert flag(args, "--config_file") == "launch/accelerate/multi_node.yaml"
         else:
-            assert args[:2] == ["-m", "torch.distributed.run"]
+            assert args[:2] == ["-m", "train.launch"]  # torchrun, with the exit codes
             assert flag(args, "--node_rank") == str(node)
             assert flag(args, "--nnodes") == "2"
             assert flag(args, "--nproc_per_node") == "4"

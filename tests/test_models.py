@@ -119,3 +119,23 @@ def test_vision_flops_come_from_torchs_counter():
     task.datasets()
     flops = task.flops_per_sample(task.model())
     assert flops == pytest.approx(3 * 2 * 1.82e9, rel=0.02)
+
+
+def test_activation_checkpointing_recomputes_the_same_gradients():
+    """model.activation_checkpointing: the same loss and gradients (layers recomputed in the
+    backward), the same parameter names (checkpoints and the recurrent twin unchanged)."""
+    from train.tasks.lm import SequenceModelConfig
+
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        cfg = SequenceModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.1,
+                                  activation_checkpointing=checkpointing)
+        model = build_sequence_model(cfg, 259)
+        ids = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)  # the same dropout masks: checkpointing replays the RNG state
+        model(ids).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name

@@ -5,13 +5,15 @@ and bit for bit as if it had never stopped (same loss at every step, same final 
 The signal is sent at an exact step by the trainer's fault injection (train/faults.py), so no
 test races a timer."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, cli_env, read_jsonl, run_torchrun, train_here
+from conftest import ROOT, cli_env, free_port, read_jsonl, run_torchrun, train_here
 from train.errors import EXIT_STOPPED_BY_SIGNAL, StoppedBySignal
 
 pytestmark = pytest.mark.slow
@@ -64,17 +66,41 @@ def test_a_stop_signal_saves_and_stops_then_resume_finishes(tmp_path, monkeypatc
     _assert_same_run(out, straight)
 
 
-def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path):
-    out = tmp_path / "ddp"
-    # Rank 1 alone gets the signal: the all-reduce in StopFlag must stop rank 0 at that step too.
-    stopped = run_torchrun(2, "train", LM_TINY, f"output_dir={out}", *ARGS, check=False,
-                           env=cli_env(TRAIN_FAULT_SIGNAL="3:1:USR1"))
-    assert stopped.returncode != 0, stopped.stderr[-3000:]
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
-    assert [s for s, _ in _losses(read_jsonl(out / "metrics.jsonl"))] == [1, 2, 3]
+def _launch(*args: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m train.launch --nproc_per_node 2 -m train ...` (torchrun's options)."""
+    env = cli_env(**({"TRAIN_FAULT_SIGNAL": fault} if fault else {}))
+    return subprocess.run([sys.executable, "-m", "train.launch", "--nproc_per_node", "2",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                           "-m", "train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=400)
 
-    run_torchrun(2, "train", LM_TINY, f"output_dir={out}", *ARGS)
+
+@pytest.mark.parametrize("fault", ["3:1:USR1", "3:launcher:TERM"],
+                         ids=["usr1-to-one-worker", "term-to-the-launcher"])
+def test_a_stop_under_the_launcher_stops_every_rank_at_one_step_and_exits_3(tmp_path, fault):
+    """A signal to one worker (the all-reduce in StopFlag stops the other at the same step), or
+    SIGTERM to the launcher (torchrun passes it to every worker): one complete checkpoint, and
+    the launcher itself exits 3, with no traceback; the same command then finishes."""
+    out = tmp_path / "ddp"
+    stopped = _launch(str(LM_TINY), f"output_dir={out}", *ARGS, fault=fault)
+    assert stopped.returncode == EXIT_STOPPED_BY_SIGNAL, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr and "ChildFailedError" not in stopped.stderr
+    (step,) = [int(p.name.removeprefix("step_")) for p in (out / "checkpoints").iterdir()]
+    assert f"stopped at step {step} of {STEPS}" in stopped.stderr
+    assert [s for s, _ in _losses(read_jsonl(out / "metrics.jsonl"))] == list(range(1, step + 1))
+    if fault.endswith("USR1"):
+        assert step == 3
+
+    finished = _launch(str(LM_TINY), f"output_dir={out}", *ARGS)
+    assert finished.returncode == 0, finished.stderr[-3000:]
     assert [s for s, _ in _losses(read_jsonl(out / "metrics.jsonl"))] == list(range(1, STEPS + 1))
-    straight = tmp_path / "straight"
-    run_torchrun(2, "train", LM_TINY, f"output_dir={straight}", *ARGS)
-    _assert_same_run(out, straight)
+    if fault.endswith("USR1"):
+        straight = tmp_path / "straight"
+        run_torchrun(2, "train", LM_TINY, f"output_dir={straight}", *ARGS)
+        _assert_same_run(out, straight)
+
+
+def test_the_launcher_passes_a_workers_failure_status_on(tmp_path):
+    proc = _launch(str(LM_TINY), f"output_dir={tmp_path / 'run'}", *ARGS,
+                   f"data.source={tmp_path}/missing.txt")
+    assert proc.returncode == 2 and "no such file or directory" in proc.stderr

@@ -2,17 +2,14 @@
 `torchrun` run on CPU (gloo), and the loop's guarantees on runs in this process."""
 
 import math
-import os
-import sys
 
 import pytest
 import torch
 import yaml
 from accelerate import Accelerator
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun, train_here
+from train.bench.syncs import HostReads
 from train.tasks import load_config as load
 from train.tasks.lm import LanguageModelingTask
 
@@ -182,47 +179,6 @@ def test_compiled_model_trains_like_eager_and_checkpoints_plain_weights(tmp_path
     assert weights and not any("_orig_mod" in k for k in weights)  # loadable without compile
 
 
-# How the host reads a tensor's value; on a GPU each one waits for the device.
-READ_METHODS = {"item", "tolist", "numpy", "__array__", "__bool__", "__int__", "__float__",
-                "__index__", "__format__", "cpu"}
-
-
-def _loading_data() -> bool:
-    """Whether the DataLoader is on the stack: loading data runs on the host by design."""
-    frame = sys._getframe()
-    while frame is not None:
-        if "torch/utils/data/" in frame.f_code.co_filename.replace(os.sep, "/"):
-            return True
-        frame = frame.f_back
-    return False
-
-
-class ReadMethods(TorchFunctionMode):
-    """Counts calls of READ_METHODS on tensors, outside data loading."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in READ_METHODS and not _loading_data():
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-class OperatorReads(TorchDispatchMode):
-    """Counts reads made inside operators (aten._local_scalar_dense), outside data loading."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and not _loading_data():
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("config, args", [
     (LM_TINY, TINY),
     (ROOT / "configs" / "vision_tiny.yaml",
@@ -240,9 +196,9 @@ def test_steps_do_not_wait_for_the_device(tmp_path, config, args):
                             f"log_every={log_every}", "eval_every=1000", "checkpoint_every=1000",
                             "eval_max_batches=1", "wandb.mode=disabled", "progress_bar=false",
                             "device=cpu", "optim.warmup_steps=2", *args])
-        with ReadMethods() as methods, OperatorReads() as operators:
+        with HostReads() as counted:
             train(run)
-        return methods.count + operators.count
+        return counted.count
 
     reads(2, 2)  # builds what a process builds once (e.g. the cached attention masks)
     once = reads(10, 10)

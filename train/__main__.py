@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from train.errors import TrainError
+from train.errors import EXIT_BUG, as_user_error
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,10 +25,16 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import train  # heavy imports after validation
 
         train(config)
-    except TrainError as exc:
-        if not exc.quiet:
-            print(f"{exc.prefix}{exc}", file=sys.stderr)
-        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - every failure ends here, told as what it is
+        error = as_user_error(exc)
+        if error is None:
+            traceback.print_exc()
+            print("error: this is a bug in train (the traceback above says where); please "
+                  "report it", file=sys.stderr)
+            return EXIT_BUG
+        if not error.quiet:
+            print(f"{error.prefix}{error}", file=sys.stderr)
+        return error.exit_code
     return 0
 
 

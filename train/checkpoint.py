@@ -13,6 +13,7 @@ unpickled with `weights_only=False`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from train import faults
-from train.errors import ConfigError
+from train.errors import ConfigError, EnvironmentFailure
 
 LOOP_STATE = "loop_state.json"
 STREAM_STATE = "stream_state_{rank}.pt"
@@ -108,29 +109,69 @@ def save(accelerator, run_dir: str | os.PathLike, loop_state: dict, keep: int,
     root = checkpoint_root(run_dir)
     final = root / f"{PREFIX}{loop_state['step']:08d}"
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    if accelerator.is_main_process:
-        for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a run killed mid-save
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if stream_state is not None:
-        torch.save(stream_state, tmp / STREAM_STATE.format(rank=accelerator.process_index))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for name, path in (files or {}).items():
-            shutil.copyfile(path, tmp / name)
-        faults.during_save(loop_state["step"])
-        state = {**loop_state, "manifest": _manifest(tmp)}
-        (tmp / LOOP_STATE).write_text(json.dumps(state, indent=1))
-        _fsync_tree(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _fsync_tree(root)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    with _environment_failures(run_dir, tmp, final):
+        if accelerator.is_main_process:
+            for stale in root.glob(f"{TMP_PREFIX}*"):  # left by a run killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if stream_state is not None:
+            torch.save(stream_state, tmp / STREAM_STATE.format(rank=accelerator.process_index))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            for name, path in (files or {}).items():
+                shutil.copyfile(path, tmp / name)
+            faults.during_save(loop_state["step"])
+            _complete(tmp, final, root, loop_state, run_dir, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _complete(tmp: Path, final: Path, root: Path, loop_state: dict, run_dir, keep: int) -> None:
+    """Main process: the manifest last, then the rename that makes the checkpoint exist."""
+    state = {**loop_state, "manifest": _manifest(tmp)}
+    (tmp / LOOP_STATE).write_text(json.dumps(state, indent=1))
+    _fsync_tree(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_tree(root)
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# What the libraries say when a write fails for lack of space (torch's writer and safetensors
+# wrap the OS error in their own exception types).
+_DISK_WORDS = ("No space left", "StorageFull", "file write failed", "Disk quota", "Read-only",
+               "iostream error")
+FULL_DISK_BYTES = 1 << 20  # a failed save with less free space than this: the disk is full
+
+
+@contextlib.contextmanager
+def _environment_failures(run_dir, tmp: Path, final: Path):
+    """A save that fails because of the machine (disk full, read-only, I/O error) becomes one
+    EnvironmentFailure naming the last complete checkpoint; the half-written one is removed."""
+    try:
+        yield
+    except Exception as exc:
+        try:
+            full = shutil.disk_usage(final.parent).free < FULL_DISK_BYTES
+        except OSError:
+            full = False
+        if not (full or isinstance(exc, OSError) or any(w in str(exc) for w in _DISK_WORDS)):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = latest_checkpoint(run_dir)
+        if full:
+            reason = f"No space left on device ({final.parent})"
+        elif isinstance(exc, OSError) and exc.strerror:
+            reason = exc.strerror
+        else:
+            reason = str(exc).splitlines()[0][:200]
+        raise EnvironmentFailure(
+            f"saving {final.name} failed: {reason}; the last complete checkpoint is "
+            + (str(last) if last else "none") + ". Free space (or fix the filesystem), then "
+            "run the same command to resume") from None
 
 
 def resume_point(resume: str, run_dir: str | os.PathLike) -> list[Path]:
@@ -165,8 +206,31 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return diffs
 
 
-def load(accelerator, candidates: list[Path], config: dict, allow_config_change: bool
-         ) -> tuple[Path, dict] | None:
+def check_fits(checkpoint: Path, model) -> None:
+    """ConfigError naming the tensors if the checkpoint's weights do not fit `model` (e.g. a
+    checkpoint of another vocabulary or shape), instead of a traceback from load_state."""
+    weights = checkpoint / "model.safetensors"
+    if not weights.is_file():  # sharded (FSDP) checkpoints are checked by their loader
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [f"{k} {saved[k]} vs {own[k]}" for k in own if k in saved and saved[k] != own[k]]
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    if wrong or missing or extra:
+        found = "; ".join(filter(None, [
+            wrong and "tensors of another shape: " + ", ".join(wrong[:3]),
+            missing and "missing: " + ", ".join(missing[:3]),
+            extra and "unexpected: " + ", ".join(extra[:3])]))
+        raise ConfigError(f"{checkpoint} holds weights that do not fit this model ({found}); it "
+                          "was saved by another model (or an older version of this project): "
+                          "choose another output_dir, or resume=never")
+
+
+def load(accelerator, candidates: list[Path], config: dict, allow_config_change: bool,
+         model=None) -> tuple[Path, dict] | None:
     """Restore the first candidate that verifies into the prepared objects (warning about the
     ones skipped) and return (checkpoint, loop state); None when there is no candidate."""
     problems = []
@@ -182,6 +246,8 @@ def load(accelerator, candidates: list[Path], config: dict, allow_config_change:
             raise ConfigError(f"the config differs from the one {checkpoint} was trained with ("
                               + "; ".join(diffs) + "); pass allow_config_change=true to resume "
                               "anyway, or choose another output_dir")
+        if model is not None:
+            check_fits(checkpoint, model)
         accelerator.load_state(str(checkpoint))
         return checkpoint, state
     if problems:
@@ -210,8 +276,23 @@ def latest_verified(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
-def load_model_weights(checkpoint: Path) -> dict:
-    """The model's state_dict from a checkpoint, on CPU, without unpickling anything."""
-    from safetensors.torch import load_file
+def load_model_weights(checkpoint: Path, model) -> dict:
+    """`model`'s state_dict from a checkpoint, on CPU, in whichever form it was saved (model
+    and FSDP full state: one file; FSDP sharded state: a torch.distributed.checkpoint folder,
+    read here by one process), without unpickling anything."""
+    if (checkpoint / "model.safetensors").is_file():
+        from safetensors.torch import load_file
 
-    return load_file(str(checkpoint / "model.safetensors"), device="cpu")
+        return load_file(str(checkpoint / "model.safetensors"), device="cpu")
+    if (checkpoint / "pytorch_model_fsdp.bin").is_file():
+        return torch.load(checkpoint / "pytorch_model_fsdp.bin", map_location="cpu",
+                          weights_only=True)
+    sharded = checkpoint / "pytorch_model_fsdp_0"
+    if sharded.is_dir():
+        import torch.distributed.checkpoint as dcp
+
+        state = {"model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+        dcp.load(state, checkpoint_id=str(sharded))  # fills the tensors in place
+        return state["model"]
+    raise ConfigError(f"{checkpoint} holds no model weights (model.safetensors, "
+                      "pytorch_model_fsdp.bin or pytorch_model_fsdp_0/)")

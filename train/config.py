@@ -108,6 +108,9 @@ class RunConfig(Section):
     # torch.compile the model (Accelerate's dynamo backend "inductor"). Measured on a 2-core CPU
     # it gains nothing for the demo LM (compute-bound matmuls), and costs ~10 s of compiling.
     compile: bool = False
+    # torch.use_deterministic_algorithms: bitwise-repeatable runs on GPUs too, where every op
+    # has a deterministic kernel (an op without one stops the run, naming it); often slower.
+    deterministic: bool = False
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     # Batches per process an evaluation covers: auto = at most AUTO_EVAL_BATCHES during

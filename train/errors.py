@@ -7,6 +7,8 @@ as one line on stderr and exit with the status; anything else that escapes is a 
 
 from __future__ import annotations
 
+import errno
+
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED_BY_SIGNAL = 3
@@ -49,3 +51,19 @@ class EnvironmentFailure(TrainError):
     """The machine failed the run (disk full, permission, I/O error), not the input."""
 
     exit_code = EXIT_ENVIRONMENT
+
+
+# OS errors that are the machine's doing, not the program's or the input's.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
+                      errno.EPERM}
+
+
+def as_user_error(exc: BaseException) -> TrainError | None:
+    """The TrainError an exception means for the user, or None for a bug."""
+    if isinstance(exc, TrainError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in ENVIRONMENT_ERRNOS:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return EnvironmentFailure(f"{exc.strerror}{where}; fix the machine (space, permissions, "
+                                  "filesystem), then run the same command to resume")
+    return None

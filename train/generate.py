@@ -39,7 +39,7 @@ def load_run(run_dir: Path):
         raise ConfigError(f"{run_dir} has no complete, intact checkpoint under checkpoints/")
     task = build_task(config)
     model = task.model()
-    model.load_state_dict(checkpoint.load_model_weights(latest), strict=True)
+    model.load_state_dict(checkpoint.load_model_weights(latest, model), strict=True)
     return task, model.eval(), latest
 
 

@@ -29,6 +29,7 @@ from train import checkpoint, faults
 from train.config import AUTO_EVAL_BATCHES, RunConfig, save as save_config, to_dict
 from train.data.loaders import TrainBatches, eval_loader, train_loader
 from train.errors import ConfigError, Diverged, StoppedBySignal
+from train.launch import note_stopped
 from train.metrics import (MetricsLogger, StepStats, WindowTimer, peak_flops, training_record,
                            wandb_mode)
 from train.optim import optimizer_for, schedule_for
@@ -78,10 +79,12 @@ def train(config: RunConfig) -> dict[str, float]:
                         "config": to_dict(config)}, config.keep_checkpoints, run_files(run.task),
                         run.batches.stream_state())
             if stopped:
+                message = (f"stopped at step {step} of {config.max_steps}; a checkpoint was "
+                           "saved, run the same command to resume")
                 run.metrics.write(f"stop signal received: saved step {step}; run again to resume")
-                raise StoppedBySignal(f"stopped at step {step} of {config.max_steps}; a "
-                                      "checkpoint was saved, run the same command to resume",
-                                      quiet=not run.accelerator.is_main_process)
+                if run.accelerator.is_main_process:
+                    note_stopped(message)  # for train.launch, which exits 3 on it
+                raise StoppedBySignal(message, quiet=not run.accelerator.is_main_process)
         return last
 
 
@@ -109,7 +112,12 @@ class Run:
 def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
     """Accelerator, task, data, model and optimizer, the resumed state, the run directory and
     trackers. Bad input is found before anything is written; teardown gets what to undo."""
+    check_output_dir(Path(config.output_dir))
     accelerator = make_accelerator(config)
+    if config.deterministic:  # bitwise-repeatable kernels, where PyTorch has them
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        teardown.callback(torch.use_deterministic_algorithms, False)
     teardown.push(lambda kind, exc, tb: end_training(accelerator, kind))
     set_seed(config.seed)  # same seed on every rank: identical initial weights
 
@@ -127,7 +135,7 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
 
     train_dl, val_dl = make_loaders(config, accelerator, task, train_set, val_set)
     run_dir, world = Path(config.output_dir), accelerator.num_processes
-    state, resumed_from, stream_state = resume(config, accelerator, scheduler, run_dir,
+    state, resumed_from, stream_state = resume(config, accelerator, model, scheduler, run_dir,
                                                streaming=not hasattr(train_set, "__len__"))
     batches = TrainBatches(train_dl, state["epoch"], state["samples_in_epoch"], stream_state)
 
@@ -182,7 +190,7 @@ def make_loaders(config: RunConfig, accelerator: Accelerator, task: Task, train_
     return train_dl, val_dl
 
 
-def resume(config: RunConfig, accelerator: Accelerator, scheduler, run_dir: Path,
+def resume(config: RunConfig, accelerator: Accelerator, model, scheduler, run_dir: Path,
            streaming: bool):
     """(loop state, the checkpoint it was restored from or None, this rank's stream position
     or None). Restores the model, optimizer, grad scaler and RNG states (Accelerate) and the
@@ -191,7 +199,8 @@ def resume(config: RunConfig, accelerator: Accelerator, scheduler, run_dir: Path
              "world_size": accelerator.num_processes,
              "wandb_run_id": uuid.uuid4().hex[:12], "nonfinite_steps": 0}
     resumed = checkpoint.load(accelerator, checkpoint.resume_point(config.resume, run_dir),
-                              to_dict(config), config.allow_config_change)
+                              to_dict(config), config.allow_config_change,
+                              accelerator.unwrap_model(model))
     if resumed is None:
         return state, None, None
     saved = resumed[1]
@@ -205,6 +214,17 @@ def resume(config: RunConfig, accelerator: Accelerator, scheduler, run_dir: Path
                               f"{accelerator.num_processes}")
         stream_state = checkpoint.load_stream_state(resumed[0], accelerator.process_index)
     return state, resumed[0], stream_state
+
+
+def check_output_dir(run_dir: Path) -> None:
+    """Bad input before any work: output_dir must be a directory this process can write."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir={str(run_dir)!r} is a file, not a directory; choose "
+                          "another output_dir")
+    existing = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir={str(run_dir)!r}: {existing} is not writable (read-only "
+                          "filesystem or no permission); choose another output_dir")
 
 
 def make_accelerator(config: RunConfig) -> Accelerator:
@@ -269,6 +289,7 @@ def train_step(run: Run, stats: StepStats, timer: WindowTimer, step: int) -> Non
             batch = send_to_device(batch, accelerator.device, non_blocking=True)
         with accelerator.accumulate(model):  # no gradient all-reduce until the last micro-step
             loss, batch_counters = run.task.loss(model, batch)
+            loss = faults.poisoned(loss, step)
             accelerator.backward(loss)  # divides by the accumulation steps
         step_loss += loss.detach()
         stats.count(batch_counters)

@@ -36,7 +36,7 @@ echo "job ${SLURM_JOB_ID} restart ${SLURM_RESTART_COUNT:-0}: ${SLURM_NNODES} nod
 node_command='
 trap "" USR1
 if [[ $LAUNCHER == torchrun ]]; then
-  exec "$PYTHON" -m torch.distributed.run \
+  exec "$PYTHON" -m train.launch \
     --nnodes "$SLURM_NNODES" --node_rank "$SLURM_NODEID" --nproc_per_node "$NPROC_PER_NODE" \
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
     -m train "$@"
@@ -72,7 +72,9 @@ while kill -0 "$step_pid" 2>/dev/null; do
   wait "$step_pid" || status=$?
 done
 
-if (( stop_requested )); then
+# 3: the training processes stopped on a signal with a complete checkpoint (train.launch
+# reports it for torchrun; a USR1 that reached them some other way counts too).
+if (( stop_requested || status == 3 )); then
   # A job-array task requeues only itself, not the whole array.
   if [[ -n ${SLURM_ARRAY_JOB_ID:-} ]]; then
     target="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"

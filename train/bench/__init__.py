@@ -1,7 +1,8 @@
-"""Micro-benchmarks: ``python -m train.bench NAME [--json] [--quick]``.
+"""Benchmarks: ``python -m train.bench NAME [--json] [--quick]``.
 
 ``BENCHMARKS`` maps a name to a function ``(quick: bool, as_json: bool) -> int`` (exit status)
 that prints its own report. Each entry imports its module lazily, so listing names stays cheap.
+``gpu`` is the GPU check (its own options: ``python -m train.bench gpu --help``).
 """
 
 from __future__ import annotations
@@ -15,17 +16,25 @@ def _attention(quick: bool, as_json: bool) -> int:
     return main(quick=quick, as_json=as_json)
 
 
-def _trainer(quick: bool, as_json: bool) -> int:
-    import json
+def _reported(module: str, run: str, show: str):
+    """A benchmark whose module has `run(quick) -> dict` and `show(dict) -> str`."""
 
-    from train.bench.trainer import bench_trainer, format_trainer
+    def bench(quick: bool, as_json: bool) -> int:
+        import importlib
+        import json
 
-    results = bench_trainer(quick=quick)
-    print(json.dumps(results) if as_json else format_trainer(results))
-    return 0
+        mod = importlib.import_module(f"train.bench.{module}")
+        results = getattr(mod, run)(quick=quick)
+        print(json.dumps(results) if as_json else getattr(mod, show)(results))
+        return 0
+
+    return bench
 
 
 BENCHMARKS: dict[str, Callable[[bool, bool], int]] = {
     "attention": _attention,
-    "trainer": _trainer,
+    "trainer": _reported("trainer", "bench_trainer", "format_trainer"),
+    "data": _reported("data", "bench_data", "format_data"),
+    "context": _reported("context", "bench_context", "format_context"),
 }
+COMMANDS = {"gpu": "train.bench.gpu"}  # benchmarks with options of their own

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from train.bench import BENCHMARKS
+from train.bench import BENCHMARKS, COMMANDS
 
 EXIT_BAD_INPUT = 2
 
@@ -14,11 +14,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m train.bench",
         description="Run a micro-benchmark and print its report.",
-        epilog=f"benchmarks: {', '.join(sorted(BENCHMARKS))}")
+        epilog=f"benchmarks: {', '.join(sorted([*BENCHMARKS, *COMMANDS]))}")
     parser.add_argument("name", help="which benchmark: " + ", ".join(sorted(BENCHMARKS)))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true",
                         help="tiny sizes that run in seconds (for tests and smoke checks)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS:  # its own options
+        import importlib
+
+        return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])
     args = parser.parse_args(argv)
     bench = BENCHMARKS.get(args.name)
     if bench is None:

@@ -2,6 +2,7 @@
 (image tensor, label) that the loop's shared loaders shard across processes.
 
     builtin:digits       scikit-learn's 1797 8x8 handwritten digits (shipped with it, no network)
+    builtin:synthetic    2048 random images at data.image_size (throughput measurements)
     torchvision:NAME     a torchvision dataset under data.root (downloaded only if data.download)
     DIR                  an image-folder tree: DIR/train/ + DIR/val/ (or test/), or class folders
     hf:NAME | hf:DIR     a Hugging Face dataset (hub name, or a local imagefolder directory);
@@ -230,10 +231,35 @@ def _classes_of(dataset) -> tuple[list[str] | None, int | None]:
     return None, None
 
 
+class SyntheticImages(Dataset):
+    """Random RGB images (a function of the index, nothing stored) with labels index % 10:
+    for measuring throughput at any image size without a dataset on disk."""
+
+    classes = [str(c) for c in range(10)]
+
+    def __init__(self, count: int, size: int, seed: int):
+        self.count, self.size, self.seed = count, size, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int):
+        pixels = np.random.default_rng(self.seed * 1_000_003 + int(i)).integers(
+            0, 256, (self.size, self.size, 3), dtype=np.uint8)
+        return Image.fromarray(pixels), int(i) % len(self.classes)
+
+
+SYNTHETIC_IMAGES = 2048  # builtin:synthetic: 2048 images, 10% of them for validation
+
+
 def _builtin(name: str, cfg, seed: int) -> ImageSplits:
+    if name == "synthetic":
+        base = SyntheticImages(SYNTHETIC_IMAGES, cfg.image_size or 224, seed)
+        train, val = _split_one(base, cfg.val_fraction, seed)
+        return ImageSplits(train, val, base.classes, len(base.classes), glyphs=False)
     if name != "digits":
         raise ConfigError(f"data.source='builtin:{name}': unknown builtin dataset; "
-                          "available: builtin:digits")
+                          "available: builtin:digits, builtin:synthetic")
     base = DigitsImages()
     train, val = _split_one(base, cfg.val_fraction, seed)
     return ImageSplits(train, val, base.classes, len(base.classes), glyphs=True)

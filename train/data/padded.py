@@ -15,13 +15,16 @@ from __future__ import annotations
 import random
 import string
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import torch
 
-from train.errors import ConfigError
-from train.data.loaders import seeded_split
 from train.data import BUILTIN_PREFIX, IGNORE_INDEX
+from train.data.loaders import seeded_split
+from train.errors import ConfigError
+
+if TYPE_CHECKING:
+    import datasets
 
 VAL_SPLIT_NAMES = ("validation", "valid", "val", "test")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -32,6 +35,8 @@ def load_raw(source: str, split: str | None = "train"):
     """Raw rows of a local .jsonl/.json/.csv/.parquet file or directory, or a hub dataset: one
     split as a Dataset, or with split=None every split as a DatasetDict (local files hold one
     split, "train")."""
+    import datasets  # here: a run that needs no padded data does not need the library
+
     path = Path(source).expanduser()
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
@@ -95,6 +100,8 @@ def _builtin_rows(make, count: int, val_fraction: float, first: str, second: str
         if a not in seen:
             seen.add(a)
             rows.append((a, b))
+    import datasets
+
     n_val = max(1, int(len(rows) * val_fraction))
     columns = lambda part: {first: [a for a, _ in part], second: [b for _, b in part]}  # noqa: E731
     return (datasets.Dataset.from_dict(columns(rows[n_val:])),
@@ -239,6 +246,8 @@ def labelled_text_datasets(cfg, tokenizer, seed: int):
 
 
 def _class_names(rows: datasets.Dataset, column: str) -> list[str] | None:
+    import datasets
+
     feature = rows.features[column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)

@@ -56,6 +56,12 @@ class Document:
     rows: bool = False
     spec: dict | None = None  # read_document(**spec) reads it again, in another process
 
+    def texts(self) -> Iterator[Iterator[bytes]]:
+        """Its documents, each as an iterator of byte pieces."""
+        if self.rows:
+            return (iter([row]) for row in self.read())
+        return iter([self.read()])
+
 
 @dataclass
 class TextSource:
@@ -84,6 +90,20 @@ def segments(pieces: Iterator[bytes], limit: int = SEGMENT_BYTES) -> Iterator[by
             pending = pending[cut:]
     if pending:
         yield pending
+
+
+def marked_segments(texts: Iterator[Iterator[bytes]], limit: int = SEGMENT_BYTES
+                    ) -> Iterator[tuple[bytes, bool]]:
+    """(segment, is it its document's last) for the segments of each document in turn; an
+    empty document has none."""
+    for pieces in texts:
+        previous = None
+        for segment in segments(pieces, limit):
+            if previous is not None:
+                yield previous, False
+            previous = segment
+        if previous is not None:
+            yield previous, True
 
 
 def _open(path: Path):

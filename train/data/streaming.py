@@ -19,22 +19,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.data.sources import Document, TextSource, read_document, segments
+from train.data.sources import Document, TextSource, marked_segments, read_document
 
 PACK_BATCH = 64  # segments (<= 64 KiB each) per packing call
 
 
 def _segments_of(documents: list[dict]):
-    """Rows {"data": bytes, "last": bool} of the documents (a shard = one document)."""
+    """Rows {"data": bytes, "last": bool} of the documents (a shard = one file)."""
     for document in documents:
-        for piece_list in read_document(**document):
-            previous = None
-            for segment in segments(iter(piece_list)):
-                if previous is not None:
-                    yield {"data": previous, "last": False}
-                previous = segment
-            if previous is not None:
-                yield {"data": previous, "last": True}
+        for segment, last in marked_segments(read_document(**document)):
+            yield {"data": segment, "last": last}
 
 
 def split_stream(source: TextSource, val_fraction: float) -> tuple[list[Document], TextSource]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from train.data.sources import TextSource, segment_bytes, segments
+from train.data.sources import TextSource, marked_segments, segment_bytes
 from train.errors import ConfigError
 
 FORMAT = 1
@@ -98,67 +98,26 @@ def _build(source: TextSource, split: str, tokenizer, path: Path, segment_size: 
     except OSError as exc:
         raise ConfigError(f"cannot write the token cache under {path.parent} ({exc.strerror}); "
                           "set data.cache_dir or TRAIN_CACHE to a writable directory") from None
-    eos = np.asarray([tokenizer.eos_id], dtype=tokenizer.dtype)
-    counts = {"tokens": 0, "bytes": 0, "documents": 0, "replaced_bytes": 0}
-    first_replaced: list[str] = []
-    index: list[tuple[int, int]] = []
     started = time.perf_counter()
     bar = tqdm(total=source.size_estimate(split), unit="B", unit_scale=True,
                desc=f"tokenize {source.description} [{split}]", file=sys.stderr,
                disable=not show_progress, dynamic_ncols=True, mininterval=1.0)
     try:
         with open(tmp / "tokens.bin", "wb") as out:
-            batch: list[bytes] = []
-            ends: list[tuple[str, bool]] = []  # per segment: its document, and is it the last
-
-            def flush():
-                arrays, replaced = tokenizer.encode_segments(batch)
-                for (name, _), bad in zip(ends, replaced):
-                    if bad and not first_replaced:
-                        first_replaced.append(name)
-                counts["replaced_bytes"] += sum(replaced)
-                for segment, array, (_, last) in zip(batch, arrays, ends):
-                    out.write(array.tobytes())
-                    counts["tokens"] += len(array)
-                    counts["bytes"] += len(segment)
-                    if last:
-                        out.write(eos.tobytes())
-                        counts["tokens"] += 1
-                    index.append((counts["tokens"], counts["bytes"]))
-                    bar.update(len(segment))
-                batch.clear()
-                ends.clear()
-
-            pending = 0
+            writer = _Writer(out, tokenizer, bar)
             for document in source.splits[split]:
-                pieces = document.read()
-                for text in (([piece] for piece in pieces) if document.rows else [pieces]):
-                    counts["documents"] += 1
-                    previous = None
-                    for segment in segments(iter(text), segment_size):
-                        if previous is not None:
-                            batch.append(previous)
-                            ends.append((document.name, False))
-                            pending += len(previous)
-                        previous = segment
-                    if previous is not None:
-                        batch.append(previous)
-                        ends.append((document.name, True))
-                        pending += len(previous)
-                    if pending >= BATCH_BYTES:
-                        flush()
-                        pending = 0
-            if batch:
-                flush()
+                for segment, last in marked_segments(document.texts(), segment_size):
+                    writer.add(segment, document.name, last)
+            writer.flush()
         bar.close()
-        if counts["bytes"] == 0:
+        if writer.counts["bytes"] == 0:
             raise ConfigError(f"data.source={source.description!r}: the {split} split holds no "
                               "text (empty files?)")
-        np.save(tmp / "index.npy", np.asarray(index, dtype=np.int64))
-        meta = {"format": FORMAT, "dtype": np.dtype(tokenizer.dtype).name, **counts,
-                "segment_bytes": segment_size, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.identity,
-                "source": source.description, "split": split,
-                "first_file_with_replaced_bytes": first_replaced[0] if first_replaced else None,
+        np.save(tmp / "index.npy", np.concatenate(writer.index).astype(np.int64))
+        meta = {"format": FORMAT, "dtype": np.dtype(tokenizer.dtype).name, **writer.counts,
+                "segment_bytes": segment_size, "vocab_size": tokenizer.vocab_size,
+                "tokenizer": tokenizer.identity, "source": source.description, "split": split,
+                "first_file_with_replaced_bytes": writer.first_replaced,
                 "build_seconds": round(time.perf_counter() - started, 3)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
@@ -171,6 +130,52 @@ def _build(source: TextSource, split: str, tokenizer, path: Path, segment_size: 
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+class _Writer:
+    """Tokenizes segments a batch at a time and appends them to tokens.bin, an EOS after each
+    document's last one, and their cumulative (tokens, bytes) ends to the index."""
+
+    def __init__(self, out, tokenizer, bar):
+        self.out, self.tokenizer, self.bar = out, tokenizer, bar
+        self.eos = np.asarray([tokenizer.eos_id], dtype=tokenizer.dtype)
+        self.counts = {"tokens": 0, "bytes": 0, "documents": 0, "replaced_bytes": 0}
+        self.first_replaced: str | None = None
+        self.index: list[np.ndarray] = []  # (segments, 2) per batch
+        self.batch: list[bytes] = []
+        self.names: list[str] = []
+        self.lasts: list[bool] = []
+        self.pending = 0
+
+    def add(self, segment: bytes, name: str, last: bool) -> None:
+        self.batch.append(segment)
+        self.names.append(name)
+        self.lasts.append(last)
+        self.pending += len(segment)
+        if self.pending >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.batch:
+            return
+        arrays, replaced = self.tokenizer.encode_segments(self.batch)
+        if self.first_replaced is None:
+            self.first_replaced = next((n for n, r in zip(self.names, replaced) if r), None)
+        lasts = np.asarray(self.lasts, dtype=bool)
+        token_counts = np.fromiter(map(len, arrays), dtype=np.int64, count=len(arrays))
+        byte_counts = np.fromiter(map(len, self.batch), dtype=np.int64, count=len(self.batch))
+        # One write per batch: the segments' tokens, with EOS after each document's last one.
+        tokens = np.insert(np.concatenate(arrays), np.cumsum(token_counts)[lasts], self.eos[0])
+        self.out.write(tokens.tobytes())
+        c = self.counts
+        self.index.append(np.stack([c["tokens"] + np.cumsum(token_counts + lasts),
+                                    c["bytes"] + np.cumsum(byte_counts)], axis=1))
+        c["tokens"] += len(tokens)
+        c["bytes"] += int(byte_counts.sum())
+        c["documents"] += int(lasts.sum())
+        c["replaced_bytes"] += sum(replaced)
+        self.bar.update(int(byte_counts.sum()))
+        self.batch, self.names, self.lasts, self.pending = [], [], [], 0
 
 
 class TokenBlocks(torch.utils.data.Dataset):

@@ -39,7 +39,6 @@ from fast_transformers.attention_registry import (
     Int,
     Optional,
     RecurrentAttentionRegistry,
-    RecurrentCrossAttentionRegistry,
 )
 from fast_transformers.feature_maps import elu_feature_map
 from fast_transformers.recurrent._utils import check_state

@@ -39,7 +39,7 @@ class VisionDataConfig(LoaderConfig):
 
 class VisionModelConfig(Section):
     name: str = "resnet18"  # any torchvision classification model
-    num_classes: int | None = Field(None, ge=1, description="None: the classes found in the data")
+    num_classes: int | None = Field(None, ge=2, description="None: the classes found in the data")
     # None (random init), a torchvision weights name (DEFAULT, ResNet18_Weights.IMAGENET1K_V1)
     # or a local checkpoint file.
     weights: str | None = None
@@ -106,6 +106,10 @@ class ImageClassificationTask:
         elif splits.num_classes is not None and splits.num_classes > self.num_classes:
             raise ConfigError(f"model.num_classes={self.num_classes} but the data has "
                               f"{splits.num_classes} classes")
+        if self.num_classes < 2:  # one class: loss 0 and top-1 1.0 from the first step
+            raise ConfigError(f"data.source={self.config.data.source!r} holds a single class "
+                              f"({', '.join(splits.classes or ['0'])}); a classifier needs at "
+                              "least 2")
         train_tf, eval_tf = self._transforms(splits.glyphs)
         self.val_set = splits.val.with_transform(eval_tf)
         return splits.train.with_transform(train_tf), self.val_set
