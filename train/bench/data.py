@@ -1,8 +1,8 @@
 """What the language-model data path costs on a real corpus: `python -m train.bench data`.
 
 The corpus is assembled here from the Python source files on this machine (the standard
-library first, with its files that are not UTF-8, then installed packages) until it reaches the
-asked size, copied into the bench folder once. Then, in this process:
+library first, with its files that are not UTF-8, then installed packages; from the start
+again if they are too few) until it reaches the asked size, copied into the bench folder once. Then, in this process:
 
 * the physical floor: copying the corpus's files to the same disk (read every byte, write it),
   after one untimed read so that both it and the ingest read from the page cache;
@@ -10,7 +10,7 @@ asked size, copied into the bench folder once. Then, in this process:
   text per second and as a fraction of the copy rate;
 * disk: what the token store adds, in bytes per token;
 and in fresh subprocesses:
-* peak RSS (ru_maxrss) of the ingest and of a short training run, at two corpus sizes;
+* peak RSS (VmHWM) of the ingest and of a short training run, at two corpus sizes;
 * seconds from `python -m train` starting to the end of a 1-step run on the warm cache.
 """
 
@@ -50,14 +50,13 @@ def assemble_corpus(folder: Path, megabytes: int) -> Path:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    total, want = 0, megabytes * 1_000_000
-    for i, path in enumerate(python_sources()):
+    total, want, sources = 0, megabytes * 1_000_000, python_sources()
+    for i in range(10 * len(sources)):  # again from the start if the machine has too few
         if total >= want:
             break
-        shutil.copyfile(path, folder / f"{i:06d}_{path.name}")
+        path = sources[i % len(sources)]
+        shutil.copyfile(path, folder / f"{i:07d}_{path.name}")
         total += path.stat().st_size
-    if total < want:
-        raise SystemExit(f"only {total / 1e6:.0f} MB of Python files on this machine")
     done.write_text(str(total))
     return folder
 
@@ -66,21 +65,22 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
 
-def copy_rate(folder: Path, scratch: Path) -> float:
-    """Bytes per second of copying every file of `folder` to `scratch` (same disk)."""
+def copy_rate(folder: Path, scratch: Path, repeats: int = 3) -> float:
+    """Bytes per second of copying every file of `folder` to `scratch` (same disk): the best
+    of `repeats` copies, since the floor is what the disk can do when nothing is in its way."""
     files = _files(folder)
     for path in files:  # untimed read: the page cache holds the corpus for both arms
         path.read_bytes()
-    scratch.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    total = 0
-    for path in files:
-        with open(path, "rb") as src, open(scratch / path.name, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 22)
-        total += path.stat().st_size
-    seconds = time.perf_counter() - start
-    shutil.rmtree(scratch, ignore_errors=True)
-    return total / seconds
+    total, best = sum(p.stat().st_size for p in files), float("inf")
+    for _ in range(repeats):
+        scratch.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        for path in files:
+            with open(path, "rb") as src, open(scratch / path.name, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        best = min(best, time.perf_counter() - start)
+        shutil.rmtree(scratch, ignore_errors=True)
+    return total / best
 
 
 def _store_bytes(path: Path) -> int:
@@ -104,12 +104,13 @@ def ingest(folder: Path, tokenizer, cache: Path) -> dict:
 
 
 _RSS_SCRIPT = """
-import json, resource, sys
+import json, sys
 from train.data.sources import open_source
 from train.data.token_store import open_store
 from train.data.tokenizer import ByteTokenizer
+from train.metrics import peak_rss_mb
 open_store(open_source(sys.argv[1]), "all", ByteTokenizer(), sys.argv[2], show_progress=False)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+print(json.dumps(peak_rss_mb()))
 """
 
 

@@ -179,10 +179,15 @@ class _Writer:
 
 
 class TokenBlocks(torch.utils.data.Dataset):
-    """Blocks of a token range as next-token examples: block i is the view
+    """Blocks of a token range as next-token examples: block i is
     tokens[start + i*L : start + i*L + L + 1] (input = [:-1], labels = [1:]); nothing per block
     is stored. With `pad_last`, a shorter last block is padded (labels IGNORE_INDEX), so an
-    evaluation covers every token of the range."""
+    evaluation covers every token of the range.
+
+    Blocks are read with pread, not through a memory map: for each random read of a mapped
+    file the kernel maps whole page-cache folios (up to 2 MiB), so a process's resident memory
+    would grow with the corpus (measured: +480 MiB for 640 random blocks of a 600 MB store);
+    pread copies the block alone."""
 
     def __init__(self, store: TokenStore, start: int, end: int, block_size: int,
                  pad_last: bool = False):
@@ -191,25 +196,34 @@ class TokenBlocks(torch.utils.data.Dataset):
         span = end - start - 1  # predicted tokens
         self.full = max(span, 0) // block_size
         self.length = self.full + (1 if pad_last and span > self.full * block_size else 0)
-        self._tokens = None  # opened in each process on first use (workers, spawn)
+        self.itemsize = np.dtype(store.meta["dtype"]).itemsize
+        self._fd = None  # opened in each process on first use (workers, spawn)
 
     def __len__(self) -> int:
         return self.length
 
     def __getstate__(self):
-        return {**self.__dict__, "_tokens": None}
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self):
+        try:
+            if self._fd is not None:
+                os.close(self._fd)
+        except Exception:  # at interpreter exit the os module may be gone already
+            pass
 
     def _rows(self, indices) -> np.ndarray:
-        if self._tokens is None:
-            self._tokens = TokenStore(self.store_path, self.meta).tokens
-        L = self.block_size
+        if self._fd is None:
+            self._fd = os.open(self.store_path / "tokens.bin", os.O_RDONLY)
+        L, size = self.block_size, self.itemsize
         out = np.full((len(indices), L + 1), -1, dtype=np.int64)
         for row, i in enumerate(indices):
             if not 0 <= i < self.length:
                 raise IndexError(i)
             begin = self.start + i * L
-            piece = self._tokens[begin: min(begin + L + 1, self.end)]
-            out[row, :len(piece)] = piece
+            count = min(begin + L + 1, self.end) - begin
+            data = os.pread(self._fd, count * size, begin * size)
+            out[row, :count] = np.frombuffer(data, dtype=self.meta["dtype"])
         return out
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
