@@ -101,6 +101,29 @@ def test_a_stop_under_the_launcher_stops_every_rank_at_one_step_and_exits_3(tmp_
 
 
 def test_the_launcher_passes_a_workers_failure_status_on(tmp_path):
+    """The main process finds the bad input while the other waits for the data: both exit 2,
+    the other quietly, with no traceback, and nothing is written."""
     proc = _launch(str(LM_TINY), f"output_dir={tmp_path / 'run'}", *ARGS,
                    f"data.source={tmp_path}/missing.txt")
-    assert proc.returncode == 2 and "no such file or directory" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("no such file or directory") == 1
+    assert "Traceback" not in proc.stderr and "bug" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_reports_the_documented_status_when_several_workers_fail():
+    """When a rank fails, another often fails a moment later on a broken collective (status 1),
+    and which one torchrun sees first is a race: the documented status wins."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from train.launch import failing_worker
+
+    def failure(rank, status, when):
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=status, error_file="")
+        f.timestamp = when
+        return f
+
+    crash_first = {1: failure(1, 1, when=10), 0: failure(0, 2, when=11)}
+    assert failing_worker(ChildFailedError("train", crash_first)) == (0, 2)
+    only_crashes = {1: failure(1, 1, when=11), 0: failure(0, 1, when=10)}
+    assert failing_worker(ChildFailedError("train", only_crashes)) == (0, 1)

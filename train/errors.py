@@ -53,6 +53,15 @@ class EnvironmentFailure(TrainError):
     exit_code = EXIT_ENVIRONMENT
 
 
+class MainProcessFailed(TrainError):
+    """On the other ranks: the main process failed where they waited for it (e.g. preparing
+    the data). They exit with its status, quietly: its own message says why."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"the main process failed with status {exit_code}", quiet=True)
+        self.exit_code = exit_code
+
+
 # OS errors that are the machine's doing, not the program's or the input's.
 ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EACCES,
                       errno.EPERM}

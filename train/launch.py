@@ -21,9 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from train.errors import EXIT_BUG, EXIT_STOPPED_BY_SIGNAL
+from train.errors import (EXIT_BAD_INPUT, EXIT_BUG, EXIT_DIVERGED, EXIT_ENVIRONMENT,
+                          EXIT_STOPPED_BY_SIGNAL)
 
 MARKER = "TRAIN_STOPPED_MARKER"
+DOCUMENTED = {EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_ENVIRONMENT}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,11 +44,10 @@ def main(argv: list[str] | None = None) -> int:
             if marker.exists():
                 print(marker.read_text().strip(), file=sys.stderr)
                 return EXIT_STOPPED_BY_SIGNAL
-            rank, failure = exc.get_first_failure()
-            code = failure.exitcode if failure.exitcode > 0 else EXIT_BUG
-            print(f"error: worker rank {rank} exited with status {failure.exitcode}; its "
-                  "output above says why", file=sys.stderr)
-            return code
+            rank, status = failing_worker(exc)
+            print(f"error: worker rank {rank} exited with status {status}; its output above "
+                  "says why", file=sys.stderr)
+            return status if status > 0 else EXIT_BUG
         except SignalException as exc:
             if marker.exists():
                 print(marker.read_text().strip(), file=sys.stderr)
@@ -54,6 +55,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: the launcher got signal {exc.sigval} and the workers stopped "
                   "before saving a checkpoint", file=sys.stderr)
             return 128 + int(exc.sigval)
+
+
+def failing_worker(exc) -> tuple[int, int]:
+    """(rank, exit status) of the worker whose failure explains the run's: the first that
+    exited with a documented status (bad input, diverged, machine), else the first to fail.
+    When one rank fails, the others often fail a moment later on a broken collective (as a
+    crash, status 1); which of them torchrun sees first is a race."""
+    failures = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
+    documented = [(rank, f.exitcode) for rank, f in failures if f.exitcode in DOCUMENTED]
+    return documented[0] if documented else (failures[0][0], failures[0][1].exitcode)
 
 
 def note_stopped(message: str) -> None:

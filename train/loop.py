@@ -28,7 +28,8 @@ from accelerate.utils import send_to_device, set_seed
 from train import checkpoint, faults
 from train.config import AUTO_EVAL_BATCHES, RunConfig, save as save_config, to_dict
 from train.data.loaders import TrainBatches, eval_loader, train_loader
-from train.errors import ConfigError, Diverged, StoppedBySignal
+from train.errors import (EXIT_BUG, ConfigError, Diverged, MainProcessFailed, StoppedBySignal,
+                          as_user_error)
 from train.launch import note_stopped
 from train.metrics import (MetricsLogger, StepStats, WindowTimer, peak_flops, training_record,
                            wandb_mode)
@@ -122,7 +123,7 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
     set_seed(config.seed)  # same seed on every rank: identical initial weights
 
     task = build_task(config)
-    with accelerator.main_process_first():  # build the datasets cache once
+    with main_process_first(accelerator):  # build the datasets cache once
         train_set, val_set = task.datasets()
     model = task.model()
     flops_per_sample = task.flops_per_sample(model)  # of the bare model, before any wrapping
@@ -168,6 +169,31 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
     return Run(config, accelerator, task, model, adamw, optimizer, scheduler, batches, val_dl,
                state, run_dir, metrics, stop, flops_per_sample,
                peak_flops(accelerator.device, config.mixed_precision))
+
+
+@contextlib.contextmanager
+def main_process_first(accelerator: Accelerator):
+    """The main process runs the block first, then the others. Unlike Accelerate's, a failure
+    of the main process reaches the others as its exit status (MainProcessFailed), instead of
+    leaving them on a barrier that breaks when it exits and reads as a crash of their own."""
+    if accelerator.num_processes == 1:
+        yield
+        return
+    status = torch.zeros((), dtype=torch.int32, device=accelerator.device)
+    if accelerator.is_main_process:
+        try:
+            yield
+        except BaseException as exc:
+            error = as_user_error(exc)
+            status.fill_(error.exit_code if error else EXIT_BUG)
+            torch.distributed.broadcast(status, src=0)
+            raise
+        torch.distributed.broadcast(status, src=0)
+    else:
+        torch.distributed.broadcast(status, src=0)  # waits for the main process's outcome
+        if status.item():
+            raise MainProcessFailed(int(status.item()))
+        yield
 
 
 def run_files(task: Task) -> dict[str, Path]:
