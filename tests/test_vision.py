@@ -328,3 +328,55 @@ def test_two_ranks_top1_is_exact_on_an_odd_validation_set(tmp_path, name):
     assert single["val/count"] == 101
     assert single["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
     assert single["val/top1"] == logged["val/top1"] and single["val/top5"] == logged["val/top5"]
+
+
+
+def _folders_with_truncated_jpegs(root: Path) -> list[Path]:
+    """train/ and val/ class folders of good JPEGs, one truncated file in each split."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 3)):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.jpg")
+    bad = [root / "train" / "dog" / "5.jpg", root / "val" / "cat" / "1.jpg"]
+    for path in bad:
+        path.write_bytes(path.read_bytes()[:300])
+    return bad
+
+
+FOLDER_RUN = ["max_steps=3", "log_every=1", "eval_every=3", "checkpoint_every=3",
+              "wandb.mode=disabled", "progress_bar=false", "device=cpu", "data.image_size=16",
+              "data.batch_size=8", "data.eval_batch_size=4", "data.augment=none"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cached", [True, False], ids=["prepared-once", "read-per-batch"])
+def test_unreadable_images_are_skipped_with_a_warning_naming_each(tmp_path, monkeypatch, capsys,
+                                                                  cached):
+    bad = _folders_with_truncated_jpegs(tmp_path / "images")
+    if not cached:  # as for a dataset too big to keep in memory
+        monkeypatch.setattr("train.data.images.CACHE_BYTES", 0)
+    rows, error = train_here(CONFIG, f"output_dir={tmp_path / 'run'}", *FOLDER_RUN,
+                             f"data.source={tmp_path / 'images'}")
+    err = capsys.readouterr().err
+    assert error is None, error
+    assert all(f"skipping unreadable image {path}" in err for path in bad)
+    assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)
+    assert [r["val/count"] for r in rows if "val/count" in r] == [5]  # 6 but the bad one
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["prepared-once", "read-in-a-worker"])
+def test_bad_images_fail_stops_naming_the_file(tmp_path, monkeypatch, cached):
+    bad = _folders_with_truncated_jpegs(tmp_path / "images")
+    if not cached:  # found mid-run, by a loader worker process
+        monkeypatch.setattr("train.data.images.CACHE_BYTES", 0)
+    _, error = train_here(CONFIG, f"output_dir={tmp_path / 'run'}", *FOLDER_RUN,
+                          f"data.source={tmp_path / 'images'}", "data.bad_images=fail",
+                          f"data.num_workers={0 if cached else 1}")
+    assert isinstance(error, ConfigError) and error.exit_code == 2
+    assert str(error).startswith("cannot read image") and "\n" not in str(error)
+    assert "data.bad_images=skip" in str(error) and any(str(p) in str(error) for p in bad)
+    if cached:  # found while the data is prepared: before anything is written
+        assert not (tmp_path / "run").exists()

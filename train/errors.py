@@ -23,6 +23,10 @@ class TrainError(Exception):
     prefix = "error: "
 
     def __init__(self, message: str, *, quiet: bool = False):
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            # Raised in a DataLoader worker and re-made here from a message that carries the
+            # worker's traceback: keep the error's own line.
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
         super().__init__(message)
         self.quiet = quiet  # e.g. on every rank but the first, which says it for all
 

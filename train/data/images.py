@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,38 +141,54 @@ class StagedTransform:
         return self.to_tensor([self.augment(self.prepare(image))])[0]
 
 
+# What PIL raises for a file that is not a readable image (truncated, corrupt, not an image).
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 class ImageSubset(Dataset):
     """Items `indices` of a base dataset of (image, label), as (transformed tensor, label).
 
     With a StagedTransform, each image's deterministic stage runs once, in `with_transform`, when
     the split's prepared images fit in CACHE_BYTES; an item then costs only its augmentation.
-    The DataLoader fetches a batch's items together (`__getitems__`)."""
+    The DataLoader fetches a batch's items together (`__getitems__`).
 
-    def __init__(self, base: Dataset, indices, transform=None):
+    An image that cannot be read is skipped with a warning naming it (`bad_images="skip"`: its
+    batch is one item shorter; a cached split drops it up front), or stops the run with
+    ConfigError naming it (`"fail"`)."""
+
+    def __init__(self, base: Dataset, indices, transform=None, bad_images: str = "skip"):
         self.base, self.indices, self.transform = base, list(indices), transform
+        self.bad_images = bad_images
+        self.skipped = 0  # unreadable images met by this process (or loader worker)
         self.prepared: list | None = None  # (prepared image, label) per item, when cached
 
-    def with_transform(self, transform) -> "ImageSubset":
-        subset = ImageSubset(self.base, self.indices, transform)
+    def with_transform(self, transform, bad_images: str = "skip") -> "ImageSubset":
+        subset = ImageSubset(self.base, self.indices, transform, bad_images)
         if isinstance(transform, StagedTransform):
-            subset.prepared = subset._prepare_all()
+            subset._prepare_all()
         return subset
 
     def _prepare(self, i: int):
-        image, label = self.raw(i)
-        return self.transform.prepare(image), label
+        item = self.read(i)
+        return item and (self.transform.prepare(item[0]), item[1])
 
-    def _prepare_all(self) -> list | None:
-        prepared, nbytes = [], 0
+    def _prepare_all(self) -> None:
+        """Prepare every image into `prepared` if they fit in CACHE_BYTES, dropping unreadable
+        ones from `indices` (the same on every rank: they read the same files)."""
+        prepared, kept, nbytes = [], [], 0
         for i in range(len(self)):
-            image, label = self._prepare(i)
+            item = self._prepare(i)
+            if item is None:
+                continue
+            image, label = item
             image.load()  # pixels in memory, not a lazily read file
             nbytes += len(image.getbands()) * image.width * image.height
             # Judged from the first image (a large dataset is not read in vain), then the total.
-            if nbytes * (len(self) if i == 0 else 1) > CACHE_BYTES:
-                return None
+            if nbytes * (len(self) if not prepared else 1) > CACHE_BYTES:
+                return
             prepared.append((image, label))
-        return prepared
+            kept.append(self.indices[i])
+        self.prepared, self.indices = prepared, kept
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -180,20 +197,48 @@ class ImageSubset(Dataset):
         image, label = self.base[self.indices[i]]
         return _as_rgb(image), int(label)
 
+    def describe(self, i: int) -> str:
+        """Where item i comes from, for messages: a file path where the source has files."""
+        j = self.indices[i]
+        samples = getattr(self.base, "samples", None)  # ImageFolder: (path, label) per item
+        return str(samples[j][0]) if samples is not None else f"item {j} of the dataset"
+
+    def read(self, i: int):
+        """raw(i), or None for an unreadable image under bad_images="skip"."""
+        try:
+            image, label = self.raw(i)
+            image.load()  # decoding errors show here, not later in a transform
+            return image, label
+        except UNREADABLE_IMAGE as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if self.bad_images == "fail":
+                raise ConfigError(f"cannot read image {self.describe(i)} ({reason}); remove or "
+                                  "replace it, or set data.bad_images=skip") from None
+            self.skipped += 1
+            print(f"warning: skipping unreadable image {self.describe(i)} ({reason}); "
+                  f"{self.skipped} skipped so far by this process", file=sys.stderr)
+            return None
+
     def __getitems__(self, indices: list[int]) -> list:
-        """Items `indices`, as the DataLoader fetches a batch: augmented one by one, then turned
-        into tensors together."""
-        if not isinstance(self.transform, StagedTransform):
-            return [self[i] for i in indices]
-        items = [self._prepare(i) if self.prepared is None else self.prepared[i] for i in indices]
+        """Items `indices` (unreadable ones left out), as the DataLoader fetches a batch:
+        augmented one by one, then turned into tensors together."""
+        staged = isinstance(self.transform, StagedTransform)
+        if staged and self.prepared is not None:
+            items = [self.prepared[i] for i in indices]
+        else:
+            items = [self._prepare(i) if staged else self.read(i) for i in indices]
+            items = [item for item in items if item is not None]
+            if not items:
+                raise ConfigError(f"no image of a batch could be read ({self.describe(indices[0])}"
+                                  " and the rest); check data.source")
+        if not staged:
+            return [((self.transform(image) if self.transform else image), label)
+                    for image, label in items]
         images = self.transform.to_tensor([self.transform.augment(image) for image, _ in items])
         return list(zip(images.unbind(0), [label for _, label in items]))
 
     def __getitem__(self, i: int):
-        if isinstance(self.transform, StagedTransform):
-            return self.__getitems__([i])[0]
-        image, label = self.raw(i)
-        return (self.transform(image) if self.transform else image), label
+        return self.__getitems__([i])[0]
 
 
 @dataclass

@@ -35,6 +35,8 @@ class VisionDataConfig(LoaderConfig):
     image_size: int | None = Field(None, ge=8, description="None: the pretrained crop size or 224")
     # auto: `affine` for digits and letters (a flipped 2 is no 2), `crop_flip` otherwise.
     augment: Literal["auto", "crop_flip", "affine", "none"] = "auto"
+    # An image file that cannot be read: skip it with a warning naming it, or stop (exit 2).
+    bad_images: Literal["skip", "fail"] = "skip"
 
 
 class VisionModelConfig(Section):
@@ -111,8 +113,9 @@ class ImageClassificationTask:
                               f"({', '.join(splits.classes or ['0'])}); a classifier needs at "
                               "least 2")
         train_tf, eval_tf = self._transforms(splits.glyphs)
-        self.val_set = splits.val.with_transform(eval_tf)
-        return splits.train.with_transform(train_tf), self.val_set
+        bad = self.config.data.bad_images
+        self.val_set = splits.val.with_transform(eval_tf, bad)
+        return splits.train.with_transform(train_tf, bad), self.val_set
 
     # --- model ---
     def model(self):
@@ -127,7 +130,7 @@ class ImageClassificationTask:
         """Counted by torch's FLOP counter on one validation image; training = 3x forward."""
         from torch.utils.flop_counter import FlopCounterMode
 
-        image, _ = self.val_set[0]
+        image = self.val_set.__getitems__(list(range(min(8, len(self.val_set)))))[0][0]
         was_training = model.training
         model.eval()
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -170,7 +173,7 @@ class ImageClassificationTask:
         import wandb
         from torchvision.utils import make_grid
 
-        items = [self.val_set[i] for i in range(n)]
+        items = self.val_set.__getitems__(list(range(n)))  # unreadable images left out
         images = torch.stack([image for image, _ in items])
         labels = [label for _, label in items]
         device = next(model.parameters()).device
