@@ -1,6 +1,7 @@
 """Checkpoints: a kill at any moment (even mid-save) leaves a loadable checkpoint, corrupt ones
 are skipped with a warning, and a changed config is refused with the differing keys named."""
 
+import hashlib
 import signal
 from pathlib import Path
 
@@ -65,6 +66,35 @@ def test_a_truncated_checkpoint_is_skipped_with_a_warning(finished_run, tmp_path
     err = capsys.readouterr().err
     assert error is None
     assert "skipping corrupt checkpoint" in err and "truncated" in err
+    assert "resumed from" in err and "step_00000004" in err
+    assert _steps(out) == list(range(1, 9))
+
+
+class NotAllowed:  # a pickled object of a class weights_only loading refuses
+    pass
+
+
+@pytest.mark.parametrize("name", ["random_states_0.pkl", "optimizer.bin"])
+def test_a_file_that_does_not_load_makes_the_checkpoint_corrupt_even_with_its_manifest(
+        finished_run, tmp_path, capsys, name):
+    """A checkpoint whose file was replaced (its manifest updated to match) either loads in full
+    or is skipped: a resume without the RNG state would not be the exact continuation."""
+    import json
+    import pickle
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    newest = complete_checkpoints(out)[-1]
+    (newest / name).write_bytes(pickle.dumps({"state": NotAllowed()}))
+    state = json.loads((newest / LOOP_STATE).read_text())
+    state["manifest"][name] = {"size": (newest / name).stat().st_size,
+                               "sha256": hashlib.sha256((newest / name).read_bytes()).hexdigest()}
+    (newest / LOOP_STATE).write_text(json.dumps(state))
+    _, error = train_here(out / "config.yaml", f"output_dir={out}", "max_steps=8")
+    err = capsys.readouterr().err
+    assert error is None
+    assert f"skipping corrupt checkpoint: {newest}: cannot load {name}" in err
     assert "resumed from" in err and "step_00000004" in err
     assert _steps(out) == list(range(1, 9))
 

@@ -122,3 +122,14 @@ def test_an_output_dir_that_cannot_be_a_run_directory_is_refused_first(tmp_path,
     make(tmp_path)
     _, error = train_here(LM_TINY, f"output_dir={tmp_path / 'run'}", "max_steps=1")
     assert isinstance(error, ConfigError) and message in str(error)
+
+
+def test_fp16_on_a_cpu_is_refused_not_run_as_fp32(tmp_path):
+    """Accelerate would accept it and train in fp32: never a silent no-op."""
+    from conftest import train_here
+
+    _, error = train_here(LM_TINY, f"output_dir={tmp_path / 'run'}", "max_steps=1", "device=cpu",
+                          "mixed_precision=fp16")
+    assert isinstance(error, ConfigError) and error.exit_code == 2
+    assert "mixed_precision=fp16 needs a CUDA device" in str(error)
+    assert not (tmp_path / "run").exists()

@@ -231,8 +231,9 @@ def check_fits(checkpoint: Path, model) -> None:
 
 def load(accelerator, candidates: list[Path], config: dict, allow_config_change: bool,
          model=None) -> tuple[Path, dict] | None:
-    """Restore the first candidate that verifies into the prepared objects (warning about the
-    ones skipped) and return (checkpoint, loop state); None when there is no candidate."""
+    """Restore the first candidate that loads in full on every rank into the prepared objects
+    (warning about the ones skipped) and return (checkpoint, loop state); None when there is no
+    candidate. Collective: the ranks agree on the checkpoint."""
     problems = []
     for checkpoint in candidates:
         try:
@@ -248,10 +249,54 @@ def load(accelerator, candidates: list[Path], config: dict, allow_config_change:
                               "anyway, or choose another output_dir")
         if model is not None:
             check_fits(checkpoint, model)
-        accelerator.load_state(str(checkpoint))
-        return checkpoint, state
+        problem = _restore(accelerator, checkpoint)
+        failed = accelerator.reduce(torch.tensor(float(problem is not None),
+                                                 device=accelerator.device), reduction="sum")
+        if not failed.item():
+            return checkpoint, state
+        problem = problem or f"{checkpoint}: another process could not load its part"
+        problems.append(problem)
+        print(f"warning: skipping corrupt checkpoint: {problem}", file=sys.stderr)
     if problems:
         raise ConfigError("no usable checkpoint to resume from: " + "; ".join(problems))
+    return None
+
+
+RNG_KEYS = {"random_state", "numpy_random_seed", "torch_manual_seed"}
+
+
+def _restore(accelerator, checkpoint: Path) -> str | None:
+    """Load this rank's part of the checkpoint (Accelerate's load_state); what failed, or None.
+    Accelerate only logs an RNG state it cannot load: that file is read here first, so that a
+    resume is either exact or refused."""
+    from accelerate.utils import load as load_weights_only
+
+    rng = checkpoint / f"random_states_{accelerator.process_index}.pkl"
+    stream = checkpoint / STREAM_STATE.format(rank=accelerator.process_index)
+    try:
+        states = load_weights_only(rng)
+        if not isinstance(states, dict) or not RNG_KEYS <= states.keys():
+            return f"{checkpoint}: {rng.name} holds no random number generator states"
+        if any(checkpoint.glob(STREAM_STATE.format(rank="*"))):
+            torch.load(stream, map_location="cpu", weights_only=True)
+        accelerator.load_state(str(checkpoint))
+    except Exception as exc:  # noqa: BLE001 - whatever a damaged file raises, the run goes on
+        first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        return (f"{checkpoint}: cannot load {_unloadable_file(checkpoint) or 'it'} "
+                f"({type(exc).__name__}: {first_line})")
+    return None
+
+
+def _unloadable_file(checkpoint: Path) -> str | None:
+    """After a failed load, the name of the first pickled file that does not load alone (read
+    only then: an optimizer's state can be large)."""
+    from accelerate.utils import load as load_weights_only
+
+    for path in sorted(checkpoint.glob("*.bin")) + sorted(checkpoint.glob("*.p[tk]*")):
+        try:
+            load_weights_only(path, map_location="cpu")
+        except Exception:  # noqa: BLE001
+            return path.name
     return None
 
 
