@@ -54,14 +54,27 @@ def peak_flops(device: torch.device, mixed_precision: str) -> float | None:
         return None
     dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float32
     if dtype not in _measured:
-        own = torch.Generator().manual_seed(0)  # never draw from (and shift) the training RNG
-        a, b = (torch.randn(1024, 1024, generator=own).to(dtype) for _ in range(2))
-        torch.matmul(a, b)  # warm-up
-        start, reps = time.perf_counter(), 8
-        for _ in range(reps):
-            torch.matmul(a, b)
-        _measured[dtype] = 2 * 1024**3 * reps / (time.perf_counter() - start)
+        _measured[dtype] = _measure_matmul(dtype)
     return _measured[dtype]
+
+
+def _measure_matmul(dtype: torch.dtype, budget_s: float = 0.3) -> float:
+    """FLOP/s of square matmuls, growing the size (up to 1024) while one call stays under a
+    fortieth of the budget: a CPU without native bf16 runs it ~100x slower than fp32, and a
+    fixed 1024 x 1024 measurement would cost half a minute there."""
+    own = torch.Generator().manual_seed(0)  # never draw from (and shift) the training RNG
+    n, rate = 128, 0.0
+    while True:
+        a, b = (torch.randn(n, n, generator=own).to(dtype) for _ in range(2))
+        torch.matmul(a, b)  # warm-up
+        start, reps = time.perf_counter(), 0
+        while (elapsed := time.perf_counter() - start) < budget_s / 4 or reps < 2:
+            torch.matmul(a, b)
+            reps += 1
+        rate = max(rate, 2 * n**3 * reps / elapsed)
+        if n >= 1024 or elapsed / reps > budget_s / 40:
+            return rate
+        n *= 2
 
 
 def peak_memory_mb(device: torch.device) -> float:
