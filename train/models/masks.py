@@ -2,8 +2,8 @@
 
 The library's LengthMask computes `all_ones` with `.item()` when it is made, and FullMask
 computes it lazily as a device tensor that attention layers then test in an `if`: either way
-the host waits for the device in every forward pass. These build the same masks with
-`all_ones` known up front.
+the host waits for the device in every forward pass (and torch.compile breaks the graph there).
+These build the same masks with `all_ones` known up front.
 """
 
 from __future__ import annotations
@@ -42,7 +42,20 @@ def full_mask(rows: int, columns: int, device: torch.device) -> FullMask:
     return mask
 
 
+class CausalMask(TriangularCausalMask):
+    """TriangularCausalMask without its device read (its `all_ones` is known to be False), so
+    that torch.compile traces a whole forward pass as one graph."""
+
+    def __init__(self, length: int, device: torch.device):
+        self._device = device
+        self._lengths = torch.arange(1, length + 1, device=device)
+        self._max_len = length
+        self._bool_matrix = None
+        self._all_ones = False
+        self._lower_triangular = True
+
+
 @functools.lru_cache(maxsize=16)
 def causal_mask(length: int, device: torch.device) -> TriangularCausalMask:
-    """Made (with its one device read) once per length and device, then reused."""
-    return TriangularCausalMask(length, device=device)
+    """Made once per length and device, then reused."""
+    return CausalMask(length, device)
