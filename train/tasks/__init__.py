@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import os
 import pkgutil
 from dataclasses import dataclass
@@ -102,7 +103,17 @@ def _discover() -> None:
         importlib.import_module(f"{__name__}.{module.name}")
 
 
+def _import_namesake(name: str) -> None:
+    """Import the task module named like the task, where there is one: a run imports only its
+    own task's dependencies (torchvision alone costs seconds at every start)."""
+    module = f"{__name__}.{name}"
+    if str(name).isidentifier() and importlib.util.find_spec(module) is not None:
+        importlib.import_module(module)
+
+
 def task_spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        _import_namesake(name)
     if name not in TASKS:
         _discover()
     if name not in TASKS:
