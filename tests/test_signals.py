@@ -80,7 +80,8 @@ def _launch(*args: str, fault: str | None = None) -> subprocess.CompletedProcess
 def test_a_stop_under_the_launcher_stops_every_rank_at_one_step_and_exits_3(tmp_path, fault):
     """A signal to one worker (the all-reduce in StopFlag stops the other at the same step), or
     SIGTERM to the launcher (torchrun passes it to every worker): one complete checkpoint, and
-    the launcher itself exits 3, with no traceback; the same command then finishes."""
+    the launcher itself exits 3, with no traceback; the same command then finishes exactly as
+    a run that never stopped."""
     out = tmp_path / "ddp"
     stopped = _launch(str(LM_TINY), f"output_dir={out}", *ARGS, fault=fault)
     assert stopped.returncode == EXIT_STOPPED_BY_SIGNAL, stopped.stderr[-3000:]
@@ -88,16 +89,16 @@ def test_a_stop_under_the_launcher_stops_every_rank_at_one_step_and_exits_3(tmp_
     (step,) = [int(p.name.removeprefix("step_")) for p in (out / "checkpoints").iterdir()]
     assert f"stopped at step {step} of {STEPS}" in stopped.stderr
     assert [s for s, _ in _losses(read_jsonl(out / "metrics.jsonl"))] == list(range(1, step + 1))
-    if fault.endswith("USR1"):
-        assert step == 3
+    if fault.endswith("TERM"):
+        return  # the resume does not depend on which signal stopped the run: checked once, below
+    assert step == 3
 
     finished = _launch(str(LM_TINY), f"output_dir={out}", *ARGS)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert [s for s, _ in _losses(read_jsonl(out / "metrics.jsonl"))] == list(range(1, STEPS + 1))
-    if fault.endswith("USR1"):
-        straight = tmp_path / "straight"
-        run_torchrun(2, "train", LM_TINY, f"output_dir={straight}", *ARGS)
-        _assert_same_run(out, straight)
+    straight = tmp_path / "straight"
+    run_torchrun(2, "train", LM_TINY, f"output_dir={straight}", *ARGS)
+    _assert_same_run(out, straight)
 
 
 def test_the_launcher_passes_a_workers_failure_status_on(tmp_path):

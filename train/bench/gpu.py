@@ -288,9 +288,10 @@ def fsdp(ctx: Context) -> dict:
     first = _cli(*launch, *args, "max_steps=3")
     if first.returncode != 0:
         return {"status": "fail", "detail": "training: " + first.stderr[-800:]}
-    second = _cli(*launch, *args, "max_steps=6")
-    if second.returncode != 0 or "resumed from" not in second.stderr:
-        return {"status": "fail", "detail": "resume: " + second.stderr[-800:]}
+    if ctx.cuda:  # resuming a sharded checkpoint; on CPU it would be the plain DDP resume again
+        second = _cli(*launch, *args, "max_steps=6")
+        if second.returncode != 0 or "resumed from" not in second.stderr:
+            return {"status": "fail", "detail": "resume: " + second.stderr[-800:]}
     sample = _cli("-m", "train.generate", str(out), "--prompt", "def ", "--max-new-tokens", "16",
                   env={"CUDA_VISIBLE_DEVICES": ""})
     saved = sorted({p.name for p in (out / "checkpoints").glob("step_*/*")})
