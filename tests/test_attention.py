@@ -219,15 +219,20 @@ def test_recurrent_state_has_a_fixed_size():
     assert sizes == {((3, 2, 8, 6), (3, 2, 8))}
 
 
-def _lm(attention_type, seed=0):
+def _lm(attention_type, seed=0, **recipe):
     torch.manual_seed(seed)
     return TransformerLM(61, d_model=32, n_layers=2, n_heads=4, d_ff=64,
-                         attention_type=attention_type, attention_chunk_size=8).eval()
+                         attention_type=attention_type, attention_chunk_size=8, **recipe).eval()
 
 
+RECIPES = {"post-norm": {}, "pre-norm,tied,gpt2-init": dict(norm="pre", tie_embeddings=True,
+                                                             init="gpt2")}
+
+
+@pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
 @pytest.mark.parametrize("attention_type", [NAME, "causal-linear"])
-def test_recurrent_twin_reproduces_the_parallel_model(attention_type):
-    model = _lm(attention_type)
+def test_recurrent_twin_reproduces_the_parallel_model(attention_type, recipe):
+    model = _lm(attention_type, **recipe)
     ids = torch.randint(0, 61, (3, 29), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
         parallel = model(ids)

@@ -116,6 +116,37 @@ def test_only_run_length_and_reporting_keys_may_change():
     assert config_differences(saved, now) == ["optim.lr: 1.0 -> 2.0"]
 
 
+def test_a_run_saved_before_the_recipe_keys_existed_still_resumes():
+    """Keys added to the schema since a run was saved are read as their defaults, which keep
+    the old meaning (post-norm, untied head, PyTorch's initialisation)."""
+    from train.config import read_as, to_dict
+    from train.tasks import load_config
+
+    old = load_config(LM_TINY)
+    saved = to_dict(old)
+    for key in ("norm", "tie_embeddings", "init"):
+        del saved["model"][key]
+    assert config_differences(read_as(old, saved), to_dict(old)) == []
+    new = load_config(LM_TINY, ["model.norm=pre", "model.tie_embeddings=true"])
+    assert config_differences(read_as(new, saved), to_dict(new)) == [
+        "model.norm: 'post' -> 'pre'", "model.tie_embeddings: False -> True"]
+
+
+def test_a_tied_head_is_saved_once_and_resumes_and_samples_tied(tmp_path):
+    """safetensors stores a tensor shared by the embedding and the head once: resuming and
+    train.generate restore it under both names, still one tensor."""
+    from train.generate import load_run
+
+    out = tmp_path / "run"
+    args = [f"output_dir={out}", "model.tie_embeddings=true", "model.norm=pre",
+            "checkpoint_every=2", *TINY]
+    assert train_here(LM_TINY, "max_steps=2", *args)[1] is None
+    assert train_here(LM_TINY, "max_steps=4", *args)[1] is None
+    assert _steps(out) == [1, 2, 3, 4]
+    _, model, _ = load_run(out)
+    assert model.head.weight is model.embed.weight
+
+
 def test_resume_from_an_explicit_bad_path_is_bad_input(tmp_path):
     _, error = train_here(LM_TINY, f"output_dir={tmp_path}/x", f"resume={tmp_path}",
                           "max_steps=1")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, cli_env, free_port, read_jsonl
 
@@ -84,14 +85,18 @@ def test_fsdp_wrap_classes_exist_in_the_models():
 
     from train.models.sequence import TransformerLM
 
-    lm = TransformerLM(vocab_size=256, d_model=32, n_layers=2, n_heads=2, d_ff=64)
-    cls = get_module_class_from_name(lm, FSDP_WRAPPED["fsdp_transformer.yaml"])
-    assert cls is not None and cls.__module__.startswith("fast_transformers")
-    resnet18 = torchvision.models.resnet18(weights=None)
-    assert get_module_class_from_name(resnet18, FSDP_WRAPPED["fsdp_resnet.yaml"]) is not None
-    # The override documented in fsdp_resnet.yaml for the deeper ResNets.
-    resnet50 = torchvision.models.resnet50(weights=None)
-    assert get_module_class_from_name(resnet50, "Bottleneck") is not None
+    from fast_transformers.transformers import TransformerEncoderLayer
+
+    for norm in ("pre", "post"):
+        lm = TransformerLM(vocab_size=256, d_model=32, n_layers=2, n_heads=2, d_ff=64, norm=norm)
+        cls = get_module_class_from_name(lm, FSDP_WRAPPED["fsdp_transformer.yaml"])
+        assert cls is not None and issubclass(cls, TransformerEncoderLayer)
+    with torch.device("meta"):  # the module tree only: no weights to initialise
+        resnet18 = torchvision.models.resnet18(weights=None)
+        assert get_module_class_from_name(resnet18, FSDP_WRAPPED["fsdp_resnet.yaml"]) is not None
+        # The override documented in fsdp_resnet.yaml for the deeper ResNets.
+        resnet50 = torchvision.models.resnet50(weights=None)
+        assert get_module_class_from_name(resnet50, "Bottleneck") is not None
 
 
 # --- sbatch scripts, without Slurm: fake srun/scontrol record what each node would run -----------

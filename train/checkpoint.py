@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -206,6 +207,31 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
     return diffs
 
 
+class _TiedTensorNote(logging.Filter):
+    """Accelerate warns at every save that it stored a tied tensor once; tied_names() makes
+    that expected, so the warning would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedTensorNote())
+
+
+def tied_names(model) -> dict[str, str]:
+    """{name: the first name of the same tensor} for tensors the model holds under two names
+    (a head tied to the embedding): safetensors stores such a tensor once, under one name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        key = id(tensor)
+        if key in first:
+            aliases[name] = first[key]
+        else:
+            first[key] = name
+    return aliases
+
+
 def check_fits(checkpoint: Path, model) -> None:
     """ConfigError naming the tensors if the checkpoint's weights do not fit `model` (e.g. a
     checkpoint of another vocabulary or shape), instead of a traceback from load_state."""
@@ -216,7 +242,8 @@ def check_fits(checkpoint: Path, model) -> None:
 
     with safe_open(str(weights), framework="pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()
+           if k not in tied_names(model)}
     wrong = [f"{k} {saved[k]} vs {own[k]}" for k in own if k in saved and saved[k] != own[k]]
     missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if wrong or missing or extra:
@@ -230,10 +257,11 @@ def check_fits(checkpoint: Path, model) -> None:
 
 
 def load(accelerator, candidates: list[Path], config: dict, allow_config_change: bool,
-         model=None) -> tuple[Path, dict] | None:
+         model=None, read_saved_config=lambda saved: saved) -> tuple[Path, dict] | None:
     """Restore the first candidate that loads in full on every rank into the prepared objects
     (warning about the ones skipped) and return (checkpoint, loop state); None when there is no
-    candidate. Collective: the ranks agree on the checkpoint."""
+    candidate. Collective: the ranks agree on the checkpoint. `read_saved_config` reads a
+    checkpoint's config as today's schema would (keys it predates take their defaults)."""
     problems = []
     for checkpoint in candidates:
         try:
@@ -242,7 +270,7 @@ def load(accelerator, candidates: list[Path], config: dict, allow_config_change:
             problems.append(str(exc))
             print(f"warning: skipping corrupt checkpoint: {exc}", file=sys.stderr)
             continue
-        diffs = config_differences(state["config"], config)
+        diffs = config_differences(read_saved_config(state["config"]), config)
         if diffs and not allow_config_change:
             raise ConfigError(f"the config differs from the one {checkpoint} was trained with ("
                               + "; ".join(diffs) + "); pass allow_config_change=true to resume "
@@ -328,7 +356,11 @@ def load_model_weights(checkpoint: Path, model) -> dict:
     if (checkpoint / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        return load_file(str(checkpoint / "model.safetensors"), device="cpu")
+        weights = load_file(str(checkpoint / "model.safetensors"), device="cpu")
+        for alias, name in tied_names(model).items():
+            if alias not in weights and name in weights:
+                weights[alias] = weights[name]
+        return weights
     if (checkpoint / "pytorch_model_fsdp.bin").is_file():
         return torch.load(checkpoint / "pytorch_model_fsdp.bin", map_location="cpu",
                           weights_only=True)

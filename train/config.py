@@ -230,6 +230,15 @@ def validate_as(schema: type[RunConfig], raw: dict) -> RunConfig:
         raise ConfigError("; ".join(_describe(e, schema) for e in exc.errors())) from None
 
 
+def read_as(config: RunConfig, saved: dict) -> dict:
+    """A config saved by an earlier run, read by `config`'s schema: keys added since take
+    their defaults, which keep the meaning the run had (new recipe options default to off)."""
+    try:
+        return to_dict(type(config).model_validate(saved))
+    except ValidationError:
+        return saved
+
+
 def to_dict(config: BaseModel) -> dict:
     return config.model_dump(mode="json")
 

@@ -18,6 +18,7 @@ import shutil
 import sys
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import send_to_device, set_seed
 
 from train import checkpoint, faults
-from train.config import AUTO_EVAL_BATCHES, RunConfig, save as save_config, to_dict
+from train.config import AUTO_EVAL_BATCHES, RunConfig, read_as, save as save_config, to_dict
 from train.data.loaders import TrainBatches, eval_loader, train_loader
 from train.errors import (EXIT_BUG, ConfigError, Diverged, MainProcessFailed, StoppedBySignal,
                           as_user_error)
@@ -226,7 +227,7 @@ def resume(config: RunConfig, accelerator: Accelerator, model, scheduler, run_di
              "wandb_run_id": uuid.uuid4().hex[:12], "nonfinite_steps": 0}
     resumed = checkpoint.load(accelerator, checkpoint.resume_point(config.resume, run_dir),
                               to_dict(config), config.allow_config_change,
-                              accelerator.unwrap_model(model))
+                              accelerator.unwrap_model(model), partial(read_as, config))
     if resumed is None:
         return state, None, None
     saved = resumed[1]

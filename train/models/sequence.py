@@ -14,7 +14,9 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
+from fast_transformers import transformers as library_layers
 from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
+from fast_transformers.recurrent import transformers as library_recurrent_layers
 import train.models.attention  # noqa: F401  (registers chunked-causal-linear)
 from train.models.attention_types import ATTENTION_TYPES
 from train.models.masks import causal_mask, no_padding_mask
@@ -45,21 +47,100 @@ class FP32Attention(nn.Module):
         return out.to(values.dtype)
 
 
+class TransformerEncoderLayer(library_layers.TransformerEncoderLayer):
+    """The library's encoder layer (same parameters, same names, same class name, so FSDP's
+    wrap-by-layer-class configs apply), optionally normalising before each sub-block instead of
+    after it (pre-norm, as in GPT-2): the residual stream then passes through unnormalised,
+    which trains faster and stays stable without tuning."""
+
+    def __init__(self, attention, d_model, d_ff, dropout, activation, norm_first: bool):
+        super().__init__(attention, d_model, d_ff, dropout, activation)
+        self.norm_first = norm_first
+
+    def forward(self, x, attn_mask=None, length_mask=None):
+        if not self.norm_first:
+            return super().forward(x, attn_mask, length_mask)
+        h = self.norm1(x)
+        x = x + self.dropout(self.attention(h, h, h, attn_mask=attn_mask,
+                                            query_lengths=length_mask, key_lengths=length_mask))
+        h = self.dropout(self.activation(self.linear1(self.norm2(x))))
+        return x + self.dropout(self.linear2(h))
+
+
+class RecurrentTransformerEncoderLayer(library_recurrent_layers.RecurrentTransformerEncoderLayer):
+    """The recurrent twin of TransformerEncoderLayer: one position at a time, same order."""
+
+    def __init__(self, attention, d_model, d_ff, dropout, activation, norm_first: bool):
+        super().__init__(attention, d_model, d_ff, dropout, activation)
+        self.norm_first = norm_first
+
+    def forward(self, x, state=None, memory=None):
+        if not self.norm_first:
+            return super().forward(x, state, memory)
+        h = self.norm1(x)
+        out, state = self.attention(h, h, h, state)
+        x = x + self.dropout(out)
+        h = self.dropout(self.activation(self.linear1(self.norm2(x))))
+        return x + self.dropout(self.linear2(h)), state
+
+
+def _own_layers(encoder: nn.Module, layer_class: type, hparams: dict) -> nn.Module:
+    """Rebuild the builder's layers as `layer_class` around the attention modules the builder
+    made (from fast-transformers' registries), keeping every parameter name."""
+    encoder.layers = nn.ModuleList(
+        layer_class(layer.attention, hparams["d_model"], hparams["d_ff"], hparams["dropout"],
+                    "gelu", norm_first=hparams["norm"] == "pre") for layer in encoder.layers)
+    return encoder
+
+
+GPT2_STD = 0.02
+
+
+def gpt2_init(model: nn.Module, n_layers: int) -> None:
+    """GPT-2's initialisation: matmul and embedding weights ~ N(0, 0.02), biases 0, and the
+    projections that write into the residual stream scaled by 1/sqrt(2 n_layers), so that
+    the stream's variance does not grow with depth."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            residual = name.endswith(("out_projection", "linear2"))
+            std = GPT2_STD / math.sqrt(2 * n_layers) if residual else GPT2_STD
+            nn.init.normal_(module.weight, 0.0, std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+def _position_scale(init: str) -> float:
+    """Unit-amplitude position encodings would drown token embeddings drawn with GPT-2's
+    std of 0.02 (the model then learns little but byte frequencies for its first hundred
+    steps): under that initialisation they are added at the embeddings' scale."""
+    return GPT2_STD if init == "gpt2" else 1.0
+
+
 class TransformerLM(nn.Module):
-    """Token embedding + sinusoidal positions + fast-transformers encoder (causal mask) + head."""
+    """Token embedding + sinusoidal positions + fast-transformers encoder (causal mask) + head.
+
+    Recipe options: `norm` "pre" (GPT-2 order) or "post" (the library's); `tie_embeddings`
+    (the head reuses the embedding matrix, no head bias); `init` "gpt2" or "default" (PyTorch's
+    per-layer defaults)."""
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
                  d_ff: int = 1024, dropout: float = 0.0,
-                 attention_type: str = "chunked-causal-linear", attention_chunk_size: int = 64):
+                 attention_type: str = "chunked-causal-linear", attention_chunk_size: int = 64,
+                 norm: str = "post", tie_embeddings: bool = False, init: str = "default"):
         super().__init__()
         self.hparams = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
                             n_heads=n_heads, d_ff=d_ff, dropout=dropout,
                             attention_type=attention_type,
-                            attention_chunk_size=attention_chunk_size)
+                            attention_chunk_size=attention_chunk_size, norm=norm,
+                            tie_embeddings=tie_embeddings, init=init)
         self.embed = nn.Embedding(vocab_size, d_model)
-        self.encoder = TransformerEncoderBuilder.from_kwargs(
-            **self._builder_kwargs(), **self._parallel_only_kwargs()).get()
-        self.head = nn.Linear(d_model, vocab_size)
+        self.encoder = _own_layers(TransformerEncoderBuilder.from_kwargs(
+            **self._builder_kwargs(), **self._parallel_only_kwargs()).get(),
+            TransformerEncoderLayer, self.hparams)
+        self.head = _head(self.embed, tie_embeddings)
+        self.position_scale = _position_scale(init)
+        if init == "gpt2":
+            gpt2_init(self, n_layers)
         if ATTENTION_TYPES[attention_type].fp32_only:
             for layer in self.encoder.layers:
                 layer.attention.inner_attention = FP32Attention(layer.attention.inner_attention)
@@ -78,7 +159,8 @@ class TransformerLM(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         n, length = input_ids.shape
         positions = torch.arange(length, device=input_ids.device)
-        x = self.embed(input_ids) + sinusoidal_positions(positions, self.embed.embedding_dim)
+        x = self.embed(input_ids) + self.position_scale * sinusoidal_positions(
+            positions, self.embed.embedding_dim)
         # Masks made without reading the device (the library's would, in every forward).
         device = input_ids.device
         return self.head(self.encoder(x, attn_mask=causal_mask(length, device),
@@ -92,28 +174,40 @@ class TransformerLM(nn.Module):
         return twin.to(device).eval()
 
 
+def _head(embed: nn.Embedding, tied: bool) -> nn.Linear:
+    vocab_size, d_model = embed.weight.shape
+    head = nn.Linear(d_model, vocab_size, bias=not tied)
+    if tied:
+        head.weight = embed.weight
+    return head
+
+
 class RecurrentTransformerLM(nn.Module):
     def __init__(self, parallel: TransformerLM):
         super().__init__()
         h = parallel.hparams
         self.embed = nn.Embedding(h["vocab_size"], h["d_model"])
-        self.encoder = RecurrentEncoderBuilder.from_kwargs(**parallel._builder_kwargs()).get()
-        self.head = nn.Linear(h["d_model"], h["vocab_size"])
+        self.encoder = _own_layers(RecurrentEncoderBuilder.from_kwargs(
+            **parallel._builder_kwargs()).get(), RecurrentTransformerEncoderLayer, h)
+        self.head = _head(self.embed, h["tie_embeddings"])
+        self.position_scale = parallel.position_scale
         # Same parameter names by construction (the fp32 wrapper holds no tensors).
         self.load_state_dict(parallel.state_dict(), strict=True)
 
     def step(self, tokens: torch.Tensor, position: int, state=None):
         """tokens: (N,) at sequence position `position` -> logits (N, V), new state."""
         pos = torch.full_like(tokens, position)
-        x = self.embed(tokens) + sinusoidal_positions(pos, self.embed.embedding_dim)
+        x = self.embed(tokens) + self.position_scale * sinusoidal_positions(
+            pos, self.embed.embedding_dim)
         h, state = self.encoder(x, state=state)
         return self.head(h), state
 
 
 def weight_flops_per_token(model: nn.Module, skip: tuple[str, ...] = ("embed",)) -> int:
     """2 FLOPs per matmul weight per token (multiply + add), over the parameters whose names do
-    not start with `skip`. Embedding lookups are not matmuls."""
-    return 2 * sum(p.numel() for name, p in model.named_parameters()
+    not start with `skip`. Embedding lookups are not matmuls; a head tied to the embedding is
+    (hence every name of a shared tensor is looked at)."""
+    return 2 * sum(p.numel() for name, p in model.named_parameters(remove_duplicate=False)
                    if p.ndim >= 2 and not name.startswith(skip))
 
 
@@ -161,7 +255,8 @@ def build_sequence_model(cfg, vocab_size: int) -> nn.Module:
     if cfg.arch == "lstm":
         return LSTMLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.dropout)
     model = TransformerLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
-                          cfg.dropout, cfg.attention_type, cfg.attention_chunk_size)
+                          cfg.dropout, cfg.attention_type, cfg.attention_chunk_size, cfg.norm,
+                          cfg.tie_embeddings, cfg.init)
     if cfg.activation_checkpointing:
         checkpoint_layers(model.encoder.layers)
     return model

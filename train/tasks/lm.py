@@ -56,6 +56,11 @@ class SequenceModelConfig(EncoderConfig):
     d_ff: int = Field(1024, ge=1)
     attention_type: CausalAttention = "chunked-causal-linear"
     attention_chunk_size: int = Field(64, ge=1)
+    # The recipe (see TransformerLM): where each block normalises, whether the output head
+    # shares the embedding matrix, and how weights start.
+    norm: Literal["pre", "post"] = "post"
+    tie_embeddings: bool = False
+    init: Literal["gpt2", "default"] = "default"
     # Recompute each layer's activations in the backward instead of keeping them: long
     # contexts fit in memory for about a third more compute.
     activation_checkpointing: bool = False
