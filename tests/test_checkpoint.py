@@ -267,6 +267,8 @@ def test_a_full_disk_during_a_save_is_an_environment_failure_and_resumes_later(s
             "keep_checkpoints=30"]  # checkpoints pile up until the 2 MiB are full
     assert main(args) == EXIT_ENVIRONMENT
     err = capsys.readouterr().err
+    # Foreseen before anything was written: 31 checkpoints of ~0.2 MiB do not fit in 2 MiB.
+    assert f"warning: {small_disk} has " in err and "lower keep_checkpoints" in err
     lines = [line for line in err.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "No space left on device" in lines[0], err[-2000:]
     assert "Traceback" not in err

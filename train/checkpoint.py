@@ -175,6 +175,20 @@ def _environment_failures(run_dir, tmp: Path, final: Path):
             "run the same command to resume") from None
 
 
+def space_warning(run_dir: Path, model, keep: int) -> str | None:
+    """A warning when the disk holding `run_dir` has less free space than the checkpoints the
+    run will keep (`keep` plus the one being written): weights plus AdamW's two moments."""
+    size = 3 * sum(p.numel() * 4 for p in model.parameters())
+    needed = size * (keep + 1)
+    where = next(p for p in [run_dir, *run_dir.resolve().parents] if p.exists())
+    free = shutil.disk_usage(where).free
+    if free >= needed:
+        return None
+    return (f"warning: {where} has {free / 2**20:,.1f} MiB free; {keep + 1} checkpoints of about "
+            f"{size / 2**20:,.1f} MiB each need {needed / 2**20:,.1f} MiB (free space, or lower "
+            "keep_checkpoints)")
+
+
 def resume_point(resume: str, run_dir: str | os.PathLike) -> list[Path]:
     """Candidate checkpoints to start from, best first, per the `resume` config key. Checked
     before anything is written."""

@@ -143,6 +143,8 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
 
     # From here on the run directory is written.
     if accelerator.is_main_process:
+        if warning := checkpoint.space_warning(run_dir, model, config.keep_checkpoints):
+            print(warning, file=sys.stderr)
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.yaml")
         for name, path in run_files(task).items():  # e.g. a tokenizer trained for this run
