@@ -50,8 +50,8 @@ class FP32Attention(nn.Module):
 class TransformerEncoderLayer(library_layers.TransformerEncoderLayer):
     """The library's encoder layer (same parameters, same names, same class name, so FSDP's
     wrap-by-layer-class configs apply), optionally normalising before each sub-block instead of
-    after it (pre-norm, as in GPT-2): the residual stream then passes through unnormalised,
-    which trains faster and stays stable without tuning."""
+    after it (pre-norm, GPT-2's order): the residual stream then passes through unnormalised up
+    to the encoder's final LayerNorm."""
 
     def __init__(self, attention, d_model, d_ff, dropout, activation, norm_first: bool):
         super().__init__(attention, d_model, d_ff, dropout, activation)
