@@ -86,10 +86,16 @@ class RecurrentTransformerEncoderLayer(library_recurrent_layers.RecurrentTransfo
 
 def _own_layers(encoder: nn.Module, layer_class: type, hparams: dict) -> nn.Module:
     """Rebuild the builder's layers as `layer_class` around the attention modules the builder
-    made (from fast-transformers' registries), keeping every parameter name."""
-    encoder.layers = nn.ModuleList(
-        layer_class(layer.attention, hparams["d_model"], hparams["d_ff"], hparams["dropout"],
-                    "gelu", norm_first=hparams["norm"] == "pre") for layer in encoder.layers)
+    made (from fast-transformers' registries), keeping every parameter name and value, and
+    drawing nothing from the random generator (a post-norm model is the library's, bit for bit)."""
+    layers = []
+    for layer in encoder.layers:
+        with torch.device("meta"):  # no second initialisation: the builder's weights are kept
+            own = layer_class(layer.attention, hparams["d_model"], hparams["d_ff"],
+                              hparams["dropout"], "gelu", norm_first=hparams["norm"] == "pre")
+        own.load_state_dict(layer.state_dict(), assign=True)
+        layers.append(own)
+    encoder.layers = nn.ModuleList(layers)
     return encoder
 
 
