@@ -256,8 +256,8 @@ def check_fits(checkpoint: Path, model) -> None:
 
     with safe_open(str(weights), framework="pt") as f:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    own = {k: tuple(v.shape) for k, v in model.state_dict().items()
-           if k not in tied_names(model)}
+    aliases = tied_names(model)
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in aliases}
     wrong = [f"{k} {saved[k]} vs {own[k]}" for k in own if k in saved and saved[k] != own[k]]
     missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
     if wrong or missing or extra:
