@@ -47,15 +47,24 @@ class FP32Attention(nn.Module):
         return out.to(values.dtype)
 
 
-class TransformerEncoderLayer(library_layers.TransformerEncoderLayer):
-    """The library's encoder layer (same parameters, same names, same class name, so FSDP's
-    wrap-by-layer-class configs apply), optionally normalising before each sub-block instead of
-    after it (pre-norm, GPT-2's order): the residual stream then passes through unnormalised up
-    to the encoder's final LayerNorm."""
+class _NormFirst:
+    """What the parallel and recurrent layers below share: the `norm_first` switch and the
+    pre-norm feed-forward half of a block."""
 
     def __init__(self, attention, d_model, d_ff, dropout, activation, norm_first: bool):
         super().__init__(attention, d_model, d_ff, dropout, activation)
         self.norm_first = norm_first
+
+    def _pre_norm_feed_forward(self, x):
+        h = self.dropout(self.activation(self.linear1(self.norm2(x))))
+        return x + self.dropout(self.linear2(h))
+
+
+class TransformerEncoderLayer(_NormFirst, library_layers.TransformerEncoderLayer):
+    """The library's encoder layer (same parameters, same names, same class name, so FSDP's
+    wrap-by-layer-class configs apply), optionally normalising before each sub-block instead of
+    after it (pre-norm, GPT-2's order): the residual stream then passes through unnormalised up
+    to the encoder's final LayerNorm."""
 
     def forward(self, x, attn_mask=None, length_mask=None):
         if not self.norm_first:
@@ -63,25 +72,19 @@ class TransformerEncoderLayer(library_layers.TransformerEncoderLayer):
         h = self.norm1(x)
         x = x + self.dropout(self.attention(h, h, h, attn_mask=attn_mask,
                                             query_lengths=length_mask, key_lengths=length_mask))
-        h = self.dropout(self.activation(self.linear1(self.norm2(x))))
-        return x + self.dropout(self.linear2(h))
+        return self._pre_norm_feed_forward(x)
 
 
-class RecurrentTransformerEncoderLayer(library_recurrent_layers.RecurrentTransformerEncoderLayer):
+class RecurrentTransformerEncoderLayer(_NormFirst,
+                                       library_recurrent_layers.RecurrentTransformerEncoderLayer):
     """The recurrent twin of TransformerEncoderLayer: one position at a time, same order."""
-
-    def __init__(self, attention, d_model, d_ff, dropout, activation, norm_first: bool):
-        super().__init__(attention, d_model, d_ff, dropout, activation)
-        self.norm_first = norm_first
 
     def forward(self, x, state=None, memory=None):
         if not self.norm_first:
             return super().forward(x, state, memory)
         h = self.norm1(x)
         out, state = self.attention(h, h, h, state)
-        x = x + self.dropout(out)
-        h = self.dropout(self.activation(self.linear1(self.norm2(x))))
-        return x + self.dropout(self.linear2(h)), state
+        return self._pre_norm_feed_forward(x + self.dropout(out)), state
 
 
 def _own_layers(encoder: nn.Module, layer_class: type, hparams: dict) -> nn.Module:
