@@ -31,6 +31,14 @@ def test_the_cpu_mode_runs_every_check_and_writes_both_reports(tmp_path):
     assert table.startswith("# GPU check (cpu, quick): passed")
     assert all(f"| {name} |" in table for name in CHECKS)
 
+    # Run again into the same folder (the default --out is always the same): a check's runs
+    # from before are replaced, not resumed or refused.
+    from train.bench.gpu import main
+
+    assert main(["--cpu", "--quick", "--out", str(tmp_path), "--only", "fp16"]) == 0
+    again = json.loads((tmp_path / "gpu_report.json").read_text())
+    assert list(again["checks"]) == ["fp16"] and again["passed"]
+
 
 def test_without_a_gpu_the_full_check_says_how_to_run_the_cpu_part(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "launch" / "gpu_check.sh"), "--out",

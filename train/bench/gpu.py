@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -49,7 +50,10 @@ QUIET = ["progress_bar=false", "wandb.mode=disabled"]
 class Context:
     device: str  # "cuda" or "cpu"
     quick: bool
-    out: Path
+    out: Path  # the reports; the runs of each check go under out/runs/CHECK
+
+    def runs(self, check: str) -> Path:
+        return self.out / "runs" / check
 
     @property
     def cuda(self) -> bool:
@@ -136,13 +140,14 @@ def lm_bf16(ctx: Context) -> dict:
     def counted(steps: int) -> tuple[int, int]:
         # One log point, one (final) evaluation and one checkpoint, however many steps.
         with HostReads() as reads:
-            _train(LM_TINY, ctx.out / f"lm-syncs-{steps}", [*shape, device, f"max_steps={steps}",
-                   f"log_every={steps}", "eval_max_batches=1", "mixed_precision=bf16"])
+            _train(LM_TINY, ctx.runs("lm_bf16") / f"syncs-{steps}",
+                   [*shape, device, f"max_steps={steps}", f"log_every={steps}",
+                    "eval_max_batches=1", "mixed_precision=bf16"])
         return reads.count, getattr(reads, "cuda_syncs", 0)
 
     counted(2)  # what a process does once (cached masks, the CPU peak measurement, ...)
     (reads_a, syncs_a), (reads_b, syncs_b) = counted(n), counted(2 * n)
-    rows = _train(LM_TINY, ctx.out / "lm-speed", [*shape, device, "mixed_precision=bf16",
+    rows = _train(LM_TINY, ctx.runs("lm_bf16") / "speed", [*shape, device, "mixed_precision=bf16",
                   f"max_steps={3 * n}", f"log_every={n}", "eval_max_batches=1"])
     last = _last_window(rows)
     figures = {"tokens_per_s": last["tokens_per_s"], "mfu": last.get("mfu"),
@@ -167,8 +172,8 @@ def fp16(ctx: Context) -> dict:
               "eval_max_batches=1", "optim.warmup_steps=4"]
     figures: dict = {}
     if ctx.cuda:
-        rows = [r for r in _train(LM_TINY, ctx.out / "fp16", [*common, "mixed_precision=fp16"])
-                if "loss" in r]
+        rows = [r for r in _train(LM_TINY, ctx.runs("fp16") / "cuda",
+                                  [*common, "mixed_precision=fp16"]) if "loss" in r]
         config = load_config(LM_TINY, ["output_dir=x", *common])
         factor = warmup_cosine(config.optim.warmup_steps, steps, config.optim.min_lr_ratio)
         figures.update(
@@ -179,13 +184,14 @@ def fp16(ctx: Context) -> dict:
         precision = "mixed_precision=fp16"
     else:
         try:  # fp16 on a CPU is refused, not silently run in fp32
-            load_and_run = _train(LM_TINY, ctx.out / "fp16-cpu", [*common, "mixed_precision=fp16"])
+            load_and_run = _train(LM_TINY, ctx.runs("fp16") / "cpu",
+                                  [*common, "mixed_precision=fp16"])
             figures["fp16_on_cpu"] = f"ran ({len(load_and_run)} rows): should have been refused"
         except ConfigError as exc:
             figures["fp16_on_cpu"] = f"refused: {exc}"
         precision = "mixed_precision=no"
     # A forced overflow at step 3: the step is skipped (weights untouched) and counted.
-    rows = [r for r in _train(LM_TINY, ctx.out / "fp16-overflow", [*common, precision],
+    rows = [r for r in _train(LM_TINY, ctx.runs("fp16") / "overflow", [*common, precision],
                               env={"TRAIN_FAULT_NONFINITE": "3"}) if "loss" in r]
     figures.update(forced_overflow_counted=rows[-1]["nonfinite_steps"] == 1,
                    finite_after_overflow=all(math.isfinite(r["loss"]) for r in rows[3:]))
@@ -263,7 +269,7 @@ def vision(ctx: Context) -> dict:
     figures = {}
     for compiled in ((False, True) if ctx.cuda else (False,)):
         name = "compiled" if compiled else "eager"
-        rows = _train(VISION_TINY, ctx.out / f"vision-{name}", [*common, precision,
+        rows = _train(VISION_TINY, ctx.runs("vision") / name, [*common, precision,
                       f"device={ctx.device}", f"compile={str(compiled).lower()}"])
         last = _last_window(rows)
         figures[name] = {"images_per_s": last["images_per_s"], "mfu": last.get("mfu"),
@@ -276,7 +282,7 @@ def vision(ctx: Context) -> dict:
 
 
 def fsdp(ctx: Context) -> dict:
-    out = ctx.out / "fsdp"
+    out = ctx.runs("fsdp") / "run"
     shape = _lm_shape(ctx)
     launch = ["-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "launch" / "accelerate" / "fsdp_transformer.yaml"), "--num_processes",
@@ -310,19 +316,20 @@ def resume(ctx: Context) -> dict:
     common = [*shape, f"device={ctx.device}", "max_steps=12", "log_every=1", "eval_every=1000",
               "eval_max_batches=1", "checkpoint_every=1000", "model.dropout=0.1",
               "deterministic=true"]
-    straight = _train(LM_TINY, ctx.out / "resume-straight", common)
+    straight = _train(LM_TINY, ctx.runs("resume") / "straight", common)
     try:
-        _train(LM_TINY, ctx.out / "resume-run", common, env={"TRAIN_FAULT_SIGNAL": "5:0:USR1"})
+        _train(LM_TINY, ctx.runs("resume") / "stopped", common,
+               env={"TRAIN_FAULT_SIGNAL": "5:0:USR1"})
         return {"status": "fail", "detail": "the stop signal did not stop the run"}
     except StoppedBySignal:
         pass
     from train.loop import train
     from train.tasks import load_config
 
-    train(load_config(LM_TINY, [f"output_dir={ctx.out / 'resume-run'}", *QUIET,
+    train(load_config(LM_TINY, [f"output_dir={ctx.runs('resume') / 'stopped'}", *QUIET,
                                 "lm.sample_tokens=0", *common]))
     resumed = [json.loads(line) for line in
-               (ctx.out / "resume-run" / "metrics.jsonl").read_text().splitlines()]
+               (ctx.runs("resume") / "stopped" / "metrics.jsonl").read_text().splitlines()]
     a = [(r["step"], r["loss"]) for r in straight if "loss" in r]
     b = [(r["step"], r["loss"]) for r in resumed if "loss" in r]
     if [s for s, _ in a] != [s for s, _ in b]:
@@ -334,7 +341,7 @@ def resume(ctx: Context) -> dict:
 
 
 def gpu_to_cpu(ctx: Context) -> dict:
-    run = ctx.out / "resume-run"
+    run = ctx.runs("resume") / "stopped"
     if not (run / "checkpoints").is_dir():
         raise Skipped("needs the resume check's run")
     sample = _cli("-m", "train.generate", str(run), "--prompt", "def ", "--max-new-tokens", "20",
@@ -356,6 +363,8 @@ def run_checks(ctx: Context, only: list[str] | None = None) -> dict:
         if only and check.__name__ not in only:
             continue
         start = time.perf_counter()
+        # A check's runs from an earlier invocation would be resumed or refused: start afresh.
+        shutil.rmtree(ctx.runs(check.__name__), ignore_errors=True)
         try:
             result = check(ctx)
         except Skipped as exc:
