@@ -257,14 +257,16 @@ def test_single_node_sbatch_trains_to_completion(tmp_path, slurm_jobs):
 def test_usr1_checkpoints_requeues_and_resumes(tmp_path, slurm_jobs):
     """The batch script's trap: USR1 -> training saves and exits -> the job requeues itself ->
     the requeued run resumes. Every step is trained exactly once."""
-    out, max_steps = tmp_path / "run", 400
+    out, max_steps = tmp_path / "run", 12
     # multi_node.sbatch on the one local node, with its default launcher (accelerate launch).
+    # The run waits after step 5 until the signal comes: it cannot finish first.
     job = SlurmJob(SBATCH[1], tmp_path, [str(LM_TINY), f"output_dir={out}",
                                          f"max_steps={max_steps}", *TINY],
-                   env={"NPROC_PER_NODE": "2"}, sbatch_options=["--nodes=1"])
+                   env={"NPROC_PER_NODE": "2", "TRAIN_FAULT_STALL": "5"},
+                   sbatch_options=["--nodes=1"])
     slurm_jobs.append(job)
     deadline = time.time() + 120
-    while _steps_so_far(out) < 3:
+    while _steps_so_far(out) < 3:  # step 4 logged: the signal is seen after step 5
         assert time.time() < deadline, f"no training steps logged\n{job.output()[-5000:]}"
         assert job.fields().get("JobState") not in FINISHED, job.output()[-5000:]
         time.sleep(0.2)
@@ -273,8 +275,8 @@ def test_usr1_checkpoints_requeues_and_resumes(tmp_path, slurm_jobs):
     fields = job.wait_for(lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING"
                           or f.get("JobState") in FINISHED, "requeued and pending")
     stopped_at = _train_steps(out)[-1]
-    assert stopped_at < max_steps, "the run finished before the signal: raise max_steps"
     assert fields["JobState"] == "PENDING", job.output()[-5000:]
+    assert stopped_at == 5
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step_{stopped_at:08d}"]
     # Slurm holds a requeued job for about two minutes; release it sooner, but not within the
     # second its first run was killed in (slurmd would reject the launch: "credential revoked").

@@ -6,6 +6,9 @@ Off unless one of these environment variables is set (the tests set them):
                                         signal NAME (e.g. 3:1:USR1, as a preemption would);
                                         RANK `launcher`: rank 0 sends it to its launcher
                                         (torchrun / train.launch), as a scheduler would
+    TRAIN_FAULT_STALL=STEP              after optimizer step STEP, every rank waits (at most two
+                                        minutes) for a stop signal: a run that cannot finish
+                                        before the scheduler's signal reaches it
     TRAIN_FAULT_KILL_IN_SAVE=STEP       the main process SIGKILLs itself in the middle of saving
                                         the checkpoint of step STEP (files written, not complete)
     TRAIN_FAULT_NONFINITE=STEP          the loss of optimizer step STEP is made infinite (an
@@ -16,9 +19,16 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 
-def after_step(step: int, rank: int) -> None:
+def after_step(step: int, rank: int, stop) -> None:
+    """`stop` is the run's StopFlag."""
+    if os.environ.get("TRAIN_FAULT_STALL") == str(step):
+        for _ in range(1200):  # a count, not a clock: every rank leaves at the same iteration
+            if stop.should_stop():  # collective: the ranks wait in step
+                break
+            time.sleep(0.1)
     value = os.environ.get("TRAIN_FAULT_SIGNAL")
     if value:
         at_step, target, name = value.split(":")

@@ -49,7 +49,7 @@ def train(config: RunConfig) -> dict[str, float]:
             train_step(run, stats, timer, step)
             run.state.update(step=step, **run.batches.position())
             run.metrics.advance()
-            faults.after_step(step, run.accelerator.process_index)
+            faults.after_step(step, run.accelerator.process_index, run.stop)
 
             stopped = run.stop.should_stop() and step < config.max_steps
             final = step == config.max_steps

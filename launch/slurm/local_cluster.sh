@@ -73,6 +73,9 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/backfill
+# Look at pending jobs every second (defaults: 60 s, backfill 30 s): a requeued job whose
+# begin time has come starts at once on this one-node cluster.
+SchedulerParameters=sched_interval=1,bf_interval=1
 ReturnToService=2
 # Allow CPUs= below to differ from what slurmd detects.
 SlurmdParameters=config_overrides
