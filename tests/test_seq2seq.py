@@ -159,7 +159,8 @@ def seq2seq_run(tmp_path_factory):
     _, error = train_here(SEQ2SEQ, f"output_dir={out}", "max_steps=200", "eval_every=100",
                           "checkpoint_every=200", "wandb.mode=offline", "progress_bar=false",
                           "model.d_model=64", "model.d_ff=256", "data.builtin_examples=4000",
-                          "data.val_fraction=0.05", "seq2seq.decode_examples=4")
+                          "data.batch_size=32", "optim.lr=2e-3", "data.val_fraction=0.05",
+                          "seq2seq.decode_examples=4")
     assert error is None
     return out
 

@@ -184,8 +184,8 @@ def test_compiled_model_trains_like_eager_and_checkpoints_plain_weights(tmp_path
 @pytest.mark.parametrize("config, args", [
     (LM_TINY, TINY),
     (ROOT / "configs" / "vision_tiny.yaml",
-     ["data.image_size=16", "data.batch_size=8", "data.max_train_samples=64",
-      "data.max_val_samples=16", "example_images=0"]),
+     ["model.name=mobilenet_v3_small", "data.image_size=16", "data.batch_size=8",
+      "data.max_train_samples=64", "data.max_val_samples=16", "example_images=0"]),
 ], ids=["lm", "vision"])
 def test_steps_do_not_wait_for_the_device(tmp_path, config, args):
     """The host reads values from the device once per log interval (and at evaluations and
