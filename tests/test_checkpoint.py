@@ -14,7 +14,7 @@ from train.checkpoint import LOOP_STATE, complete_checkpoints, config_difference
 LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
 TINY = ["log_every=1", "eval_every=1000", "wandb.mode=disabled", "progress_bar=false",
         "device=cpu", "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-        "data.block_size=32", "data.batch_size=8", "keep_checkpoints=3"]
+        "data.tokenizer=byte", "data.block_size=32", "data.batch_size=8", "keep_checkpoints=3"]
 
 
 def _steps(out: Path) -> list[int]:

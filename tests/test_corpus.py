@@ -22,8 +22,8 @@ from train.tasks.lm import TextDataConfig
 
 LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-        "data.block_size=32", "data.batch_size=8", "optim.warmup_steps=2", "lm.sample_tokens=8",
-        "wandb.mode=disabled", "progress_bar=false"]
+        "data.tokenizer=byte", "data.block_size=32", "data.batch_size=8", "optim.warmup_steps=2",
+        "lm.sample_tokens=8", "wandb.mode=disabled", "progress_bar=false"]
 NOT_UTF8 = b"caf\xe9 \xb1\xff\n"  # latin-1 and stray bytes: not UTF-8
 
 
@@ -145,7 +145,7 @@ def _bad_inputs(tmp_path):
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, case):
     override, message = _bad_inputs(tmp_path)[case]
     out = tmp_path / "run"
-    _, error = train_here(LM_TINY, f"output_dir={out}", override, *TINY)
+    _, error = train_here(LM_TINY, f"output_dir={out}", *TINY, override)  # override last
     assert isinstance(error, ConfigError) and error.exit_code == 2, error
     assert message in str(error) and "\n" not in str(error)
     assert not out.exists()
@@ -194,8 +194,8 @@ def test_a_bpe_trained_in_the_run_is_kept_reused_and_sampled_from(tmp_path, caps
 
     files = _text_files(tmp_path / "d", n=8)
     out = tmp_path / "run"
-    args = [f"output_dir={out}", f"data.source={files}", "data.tokenizer=bpe:300",
-            "max_steps=4", "log_every=2", "eval_every=4", "checkpoint_every=2", *TINY]
+    args = [*TINY, f"output_dir={out}", f"data.source={files}", "data.tokenizer=bpe:300",
+            "max_steps=4", "log_every=2", "eval_every=4", "checkpoint_every=2"]
     rows, error = train_here(LM_TINY, *args)
     assert error is None
     saved = (out / "tokenizer.json").read_bytes()

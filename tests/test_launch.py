@@ -24,7 +24,8 @@ LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
 # A model small enough that a step takes milliseconds on CPU.
 TINY = ["log_every=1", "eval_every=100000", "checkpoint_every=100000", "wandb.mode=disabled",
         "progress_bar=false", "device=cpu", "model.d_model=32", "model.n_layers=1",
-        "model.n_heads=2", "model.d_ff=64", "data.block_size=32", "data.batch_size=8"]
+        "model.n_heads=2", "model.d_ff=64", "data.tokenizer=byte", "data.block_size=32",
+        "data.batch_size=8"]
 
 
 def _train_steps(run_dir: Path) -> list[int]:

@@ -24,7 +24,8 @@ STEPS = 12
 ARGS = [f"max_steps={STEPS}", "log_every=1", "eval_every=1000", "checkpoint_every=1000",
         "wandb.mode=disabled", "progress_bar=false", "device=cpu", "model.d_model=32",
         "model.n_layers=1", "model.n_heads=2", "model.d_ff=64", "model.dropout=0.1",
-        "data.block_size=32", "data.batch_size=8", "gradient_accumulation_steps=2"]
+        "data.tokenizer=byte", "data.block_size=32", "data.batch_size=8",
+        "gradient_accumulation_steps=2"]
 VISION_TINY = ROOT / "configs" / "vision_tiny.yaml"
 # Random augmentation on: resuming must restore the RNG it draws from too.
 VISION_ARGS = [f"max_steps={STEPS}", "log_every=1", "eval_every=1000", "checkpoint_every=1000",

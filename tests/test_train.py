@@ -14,9 +14,10 @@ from train.tasks import load_config as load
 from train.tasks.lm import LanguageModelingTask
 
 LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
-# A model small enough that a handful of steps takes seconds on 2 cores.
+# A model small enough that a handful of steps takes seconds on 2 cores, on byte tokens.
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-        "data.block_size=32", "data.batch_size=8", "optim.warmup_steps=2", "lm.sample_tokens=16"]
+        "data.tokenizer=byte", "data.block_size=32", "data.batch_size=8", "optim.warmup_steps=2",
+        "lm.sample_tokens=16"]
 
 
 @pytest.fixture(scope="module")

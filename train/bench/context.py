@@ -26,7 +26,8 @@ def _tokens_per_s(attention: str, length: int, tokens_per_step: int, steps: int,
         overrides = [f"output_dir={tmp}/run", f"max_steps={steps}", f"log_every={steps // 3}",
                      f"eval_every={10**6}", "eval_max_batches=1", f"checkpoint_every={10**6}",
                      "progress_bar=false", "wandb.mode=disabled", "lm.sample_tokens=0",
-                     "data.source=builtin:python_stdlib", f"data.block_size={length}",
+                     "data.source=builtin:python_stdlib", "data.tokenizer=byte",
+                     f"data.block_size={length}",
                      f"data.batch_size={max(1, tokens_per_step // length)}", "data.eval_batch_size=1",
                      f"model.attention_type={attention}"]
         if quick:

@@ -129,8 +129,9 @@ def peak_rss(folder: Path, cache: Path, steps: int) -> dict:
     ingest_mb = json.loads(out.stdout.strip().splitlines()[-1])
     run = cache / "run"
     subprocess.run([sys.executable, "-m", "train", str(ROOT / "configs" / "lm_tiny.yaml"),
-                    f"output_dir={run}", f"data.source={folder}", f"max_steps={steps}",
-                    f"log_every={steps}", "eval_max_batches=2", "progress_bar=false",
+                    f"output_dir={run}", f"data.source={folder}", "data.tokenizer=byte",
+                    f"max_steps={steps}", f"log_every={steps}", "eval_max_batches=2",
+                    "progress_bar=false",
                     "wandb.mode=disabled", "lm.sample_tokens=0", f"checkpoint_every={10**6}"],
                    env=env, capture_output=True, text=True, check=True, cwd=ROOT)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -142,8 +143,8 @@ def warm_start_seconds(folder: Path, cache: Path) -> float:
     """Wall time of `python -m train` for one step on a corpus whose store is cached."""
     env = _child_env(cache)
     args = [sys.executable, "-m", "train", str(ROOT / "configs" / "lm_tiny.yaml"),
-            f"data.source={folder}", "max_steps=1", "eval_max_batches=1", "progress_bar=false",
-            "wandb.mode=disabled", "lm.sample_tokens=0", "resume=never"]
+            f"data.source={folder}", "data.tokenizer=byte", "max_steps=1", "eval_max_batches=1",
+            "progress_bar=false", "wandb.mode=disabled", "lm.sample_tokens=0", "resume=never"]
     subprocess.run([*args, f"output_dir={cache / 'warm-up'}"], env=env, check=True,
                    capture_output=True, cwd=ROOT)  # builds the store if it is not there
     start = time.perf_counter()

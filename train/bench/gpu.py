@@ -125,10 +125,10 @@ def environment(ctx: Context) -> dict:
 def _lm_shape(ctx: Context) -> list[str]:
     if ctx.cuda and not ctx.quick:
         return ["model.d_model=1024", "model.n_layers=12", "model.n_heads=16",
-                "model.d_ff=4096", "model.attention_chunk_size=64", "data.block_size=2048",
-                "data.batch_size=8", "data.source=builtin:python_stdlib"]
+                "model.d_ff=4096", "model.attention_chunk_size=64", "data.tokenizer=byte",
+                "data.block_size=2048", "data.batch_size=8", "data.source=builtin:python_stdlib"]
     return ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.d_ff=128",
-            "data.block_size=64", "data.batch_size=4"]
+            "data.tokenizer=byte", "data.block_size=64", "data.batch_size=4"]
 
 
 def lm_bf16(ctx: Context) -> dict:
@@ -166,7 +166,8 @@ def fp16(ctx: Context) -> dict:
 
     shape = _lm_shape(ctx) if ctx.quick or not ctx.cuda else [
         "model.d_model=512", "model.n_layers=6", "model.n_heads=8", "model.d_ff=2048",
-        "data.block_size=1024", "data.batch_size=8", "data.source=builtin:python_stdlib"]
+        "data.tokenizer=byte", "data.block_size=1024", "data.batch_size=8",
+        "data.source=builtin:python_stdlib"]
     steps = 8 if ctx.quick else 60
     common = [*shape, f"device={ctx.device}", f"max_steps={steps}", "log_every=1",
               "eval_max_batches=1", "optim.warmup_steps=4"]

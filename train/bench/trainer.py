@@ -27,7 +27,7 @@ CONFIGS = {"lm": ROOT / "configs" / "lm_tiny.yaml", "vision": ROOT / "configs" /
 # A tiny model for --quick (the test suite): same code paths, seconds instead of minutes.
 QUICK_OVERRIDES = {
     "lm": ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-           "data.block_size=32", "data.batch_size=8"],
+           "data.tokenizer=byte", "data.block_size=32", "data.batch_size=8"],
     "vision": ["data.batch_size=16", "data.max_train_samples=256", "data.max_val_samples=64"],
 }
 
