@@ -2,13 +2,15 @@
 `torchrun` run on CPU (gloo), and the loop's guarantees on runs in this process."""
 
 import math
+import re
 
 import pytest
 import torch
 import yaml
 from accelerate import Accelerator
 
-from conftest import ROOT, read_jsonl, read_wandb_run, run_module, run_torchrun, train_here
+from conftest import (ROOT, cli_env, read_jsonl, read_wandb_run, run_module, run_torchrun,
+                      train_here)
 from train.bench.syncs import HostReads
 from train.tasks import load_config as load
 from train.tasks.lm import LanguageModelingTask
@@ -207,3 +209,20 @@ def test_steps_do_not_wait_for_the_device(tmp_path, config, args):
     once = reads(10, 10)
     assert reads(20, 20) == once  # ten more steps, no more reads
     assert reads(20, 5) > once  # the counter does see the reads at log time
+
+
+def test_openmp_threads_sleep_between_parallel_regions_unless_the_user_chose(tmp_path):
+    """Spinning OpenMP threads starve whatever shares the cores (train/__init__.py): the
+    runtime a run loads does not spin, unless OMP_WAIT_POLICY says otherwise."""
+    def spin_count(policy: str | None) -> int:
+        env = cli_env(OMP_DISPLAY_ENV="VERBOSE")  # libgomp prints its settings when loaded
+        env.pop("OMP_WAIT_POLICY", None)
+        env.update({"OMP_WAIT_POLICY": policy} if policy else {})
+        # Stops at the config check, after torch (and so libgomp) is loaded.
+        proc = run_module("train", LM_TINY, f"output_dir={tmp_path}", "max_steps=0", env=env,
+                          check=False)
+        assert proc.returncode == 2, proc.stderr
+        return int(re.search(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr).group(1))
+
+    assert spin_count(None) == 0
+    assert spin_count("ACTIVE") > 0
