@@ -7,7 +7,7 @@ from train.config import parse_overrides
 from train.errors import ConfigError
 from train.tasks import load_config as load
 from train.tasks.lm import LMConfig
-from conftest import ROOT, run_module
+from conftest import ROOT, read_wandb_run, run_module
 
 LM_TINY = ROOT / "configs" / "lm_tiny.yaml"
 
@@ -59,6 +59,38 @@ def test_bad_values_name_the_key(overrides, fragment):
     assert "\n" not in str(err.value)
 
 
+def test_flag_overrides_are_the_same_overrides():
+    """`--key=value` is how a W&B sweep agent passes parameters; booleans as True/False."""
+    assert parse_overrides(["--optim.lr=0.001", "--compile=True", "--data.tokenizer=bpe:512"]) \
+        == parse_overrides(["optim.lr=0.001", "compile=true", "data.tokenizer=bpe:512"])
+
+
+def test_the_shipped_sweep_runs_as_its_agent_would_run_it(tmp_path, monkeypatch):
+    """configs/sweep_lm_tiny.yaml: its command, with ${args} expanded the way `wandb agent`
+    does (--key=value, Python's True/False), trains with the swept values, and the W&B run
+    records them."""
+    from train.__main__ import main
+
+    sweep = yaml.safe_load((ROOT / "configs" / "sweep_lm_tiny.yaml").read_text())
+    assert sweep["command"][:4] == ["${env}", "python", "-m", "train"]
+    assert sweep["metric"]["name"] == "val/bpb"
+    picked = {key: spec["values"][0] if "values" in spec else spec["min"]
+              for key, spec in sweep["parameters"].items()}
+    assert True in picked.values()  # the boolean form is exercised
+    out = tmp_path / "run"
+    tiny = [f"output_dir={out}", "max_steps=2", "eval_every=2", "wandb.mode=offline",
+            "progress_bar=false", "lm.sample_tokens=0", "model.d_model=32", "model.n_layers=1",
+            "model.n_heads=2", "model.d_ff=64", "data.tokenizer=byte", "data.block_size=32"]
+    args = [f"--{key}={value}" for key, value in picked.items()]
+    command = [a for a in sweep["command"][4:] if a != "${args}"]
+    monkeypatch.chdir(ROOT)  # the agent runs the command from the project's root
+    assert main([*command, *tiny, *args]) == 0
+    recorded = read_wandb_run(out)["config"]
+    for key, value in picked.items():
+        section, name = key.split(".")
+        assert recorded[section][name] == pytest.approx(value), key
+
+
 def test_missing_and_malformed_files(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load(tmp_path / "nope.yaml")
@@ -101,7 +133,11 @@ def test_saved_config_round_trips(tmp_path):
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["optim"]["lr"] == config.optim.lr
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+RUN_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
+               if not p.name.startswith("sweep_")]  # sweep_*.yaml: W&B sweep files
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_validates(path):
     from train.tasks import load_config
 

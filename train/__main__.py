@@ -11,13 +11,19 @@ from train.errors import EXIT_BUG, as_user_error
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m train",
+        prog="python -m train", allow_abbrev=False,  # --key=value flags are overrides
         description="Train a model described by a YAML config; overrides use dotted keys.",
-        epilog="example: python -m train configs/lm_tiny.yaml max_steps=100 optim.lr=1e-3")
+        epilog="example: python -m train configs/lm_tiny.yaml max_steps=100 optim.lr=1e-3 "
+               "(--optim.lr=1e-3, as a W&B sweep agent writes it, is the same override)")
     parser.add_argument("config", help="YAML config file, e.g. configs/lm_tiny.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. data.batch_size=16")
-    args = parser.parse_args(argv)
+    args, flags = parser.parse_known_args(argv)
+    unknown = [f for f in flags if not (f.startswith("--") and "=" in f)]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides are key=value "
+                     "or --key=value)")
+    args.overrides += flags
     try:
         from train.tasks import load_config
 

@@ -158,10 +158,11 @@ YAML11_BOOL_WORDS = {"yes", "no", "on", "off", "y", "n"}
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists."""
+    """`a.b=1 c=x` -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars/lists.
+    `--a.b=1` is the same override: the form a W&B sweep agent passes its parameters in."""
     tree: dict = {}
     for item in overrides:
-        key, sep, raw = item.partition("=")
+        key, sep, raw = item.removeprefix("--").partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"bad override {item!r}: expected dotted.key=value, e.g. max_steps=100")
         try:
