@@ -43,7 +43,12 @@ class OptimConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     warmup_steps: int = Field(50, ge=0, description="linear warm-up, in optimizer steps")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
+    # After the warm-up, in optimizer steps: cosine or linear down to lr * min_lr_ratio at
+    # max_steps, step (x step_gamma every step_every steps), or constant.
+    schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear end at lr * this")
+    step_every: int = Field(1000, ge=1, description="schedule=step: steps between decays")
+    step_gamma: float = Field(0.1, gt=0, le=1, description="schedule=step: factor per decay")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
 

@@ -7,15 +7,24 @@ import math
 import torch
 
 
-def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float):
-    """LR multiplier per step (LambdaLR). Counted in the loop's steps on every rank: the scheduler
-    is stepped once per step, never once per process, and skipped steps count too."""
+def warmup_then(schedule: str, warmup_steps: int, total_steps: int, min_ratio: float = 0.1,
+                step_every: int = 1000, step_gamma: float = 0.1):
+    """LR multiplier per step (LambdaLR): linear warm-up, then the schedule. Counted in the
+    loop's steps on every rank: the scheduler is stepped once per step, never once per process,
+    and skipped steps count too."""
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        done = step - warmup_steps
+        progress = min(1.0, done / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1 - (1 - min_ratio) * progress
+        if schedule == "step":
+            return step_gamma ** (done // step_every)
+        return 1.0  # constant
 
     return factor
 
@@ -31,6 +40,7 @@ def optimizer_for(model: torch.nn.Module, cfg, fused: bool = True) -> torch.opti
 
 
 def schedule_for(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up then cosine over the run's max_steps."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(
-        config.optim.warmup_steps, config.max_steps, config.optim.min_lr_ratio))
+    """Warm-up then the configured schedule over the run's max_steps."""
+    o = config.optim
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(
+        o.schedule, o.warmup_steps, config.max_steps, o.min_lr_ratio, o.step_every, o.step_gamma))
