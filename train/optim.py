@@ -39,8 +39,12 @@ def optimizer_for(model: torch.nn.Module, cfg, fused: bool = True) -> torch.opti
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
-def schedule_for(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up then the configured schedule over the run's max_steps."""
+def lr_factor(config):
+    """The run's LR multiplier per step: its warm-up, then its schedule over max_steps."""
     o = config.optim
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then(
-        o.schedule, o.warmup_steps, config.max_steps, o.min_lr_ratio, o.step_every, o.step_gamma))
+    return warmup_then(o.schedule, o.warmup_steps, config.max_steps, o.min_lr_ratio,
+                       o.step_every, o.step_gamma)
+
+
+def schedule_for(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))

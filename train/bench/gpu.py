@@ -161,7 +161,7 @@ def lm_bf16(ctx: Context) -> dict:
 
 def fp16(ctx: Context) -> dict:
     from train.errors import ConfigError
-    from train.optim import warmup_then
+    from train.optim import lr_factor
     from train.tasks import load_config
 
     shape = _lm_shape(ctx) if ctx.quick or not ctx.cuda else [
@@ -176,8 +176,7 @@ def fp16(ctx: Context) -> dict:
         rows = [r for r in _train(LM_TINY, ctx.runs("fp16") / "cuda",
                                   [*common, "mixed_precision=fp16"]) if "loss" in r]
         config = load_config(LM_TINY, ["output_dir=x", *common])
-        factor = warmup_then(config.optim.schedule, config.optim.warmup_steps, steps,
-                             config.optim.min_lr_ratio)
+        factor = lr_factor(config)  # common sets max_steps=steps
         figures.update(
             losses_finite=all(math.isfinite(r["loss"]) for r in rows),
             fp16_skipped_steps=rows[-1]["fp16_skipped_steps"],
