@@ -103,9 +103,10 @@ def gloo_world():
         dist.destroy_process_group()
 
 
-def single_process_metrics(run: Path) -> dict:
-    """The run's latest checkpoint evaluated by one process over the whole validation set."""
-    from train.checkpoint import latest_checkpoint, load_model_weights
+def single_process_metrics(run: Path, ema: bool = False) -> dict:
+    """The run's latest checkpoint (its weights' moving average with `ema`) evaluated by one
+    process over the whole validation set."""
+    from train.checkpoint import latest_checkpoint, load_ema_weights, load_model_weights
     from train.data.loaders import eval_loader
     from train.tasks import build_task, validate_config
 
@@ -113,7 +114,9 @@ def single_process_metrics(run: Path) -> dict:
     task = build_task(config)
     _, val_set = task.datasets()
     model = task.model()
-    model.load_state_dict(load_model_weights(latest_checkpoint(run), model))
+    checkpoint = latest_checkpoint(run)
+    model.load_state_dict(load_ema_weights(checkpoint) if ema else
+                          load_model_weights(checkpoint, model))
     model.eval()
     sums = {}
     with torch.no_grad():

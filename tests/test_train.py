@@ -89,6 +89,8 @@ def test_generate_prints_a_continuation(lm_run, capsys):
                      "--seed", "3"]) == 0
     # The same seed, the same text (the subprocess's output was read with universal newlines).
     assert capsys.readouterr().out.replace("\r\n", "\n").replace("\r", "\n") == proc.stdout
+    assert generate([str(out), "--ema"]) == 2  # this run kept no moving average
+    assert "holds no moving average of the weights" in capsys.readouterr().err
 
 
 def test_generate_rejects_a_directory_that_is_not_a_run(tmp_path, capsys):
@@ -160,6 +162,37 @@ def test_single_process_harness_runs_on_gloo(gloo_world, monkeypatch):
     batch["labels"][0, :5] = -100
     results = evaluate(accelerator, task, model, [batch, batch], None)
     assert results["val/tokens"] == 2 * (3 * 32 - 5)
+
+
+def test_ema_follows_its_recurrence_is_evaluated_and_checkpointed(tmp_path):
+    """ema.decay: a copy of the weights until warmup_steps, then every every_steps steps
+    ema = decay * ema + (1 - decay) * weights; evaluated as val_ema/*, saved in checkpoints."""
+    from safetensors.torch import load_file
+
+    from train.checkpoint import load_ema_weights
+    from train.generate import main as generate_main
+
+    out = tmp_path / "run"
+    rows, error = train_here(LM_TINY, f"output_dir={out}", "max_steps=6", "log_every=2",
+                             "eval_every=6", "checkpoint_every=2", "keep_checkpoints=3",
+                             "wandb.mode=disabled", *TINY, "lm.sample_tokens=0",
+                             "ema.decay=0.75", "ema.every_steps=2", "ema.warmup_steps=2")
+    assert error is None
+    ckpt = [out / "checkpoints" / f"step_{s:08d}" for s in (2, 4, 6)]
+    weights = [load_file(c / "model.safetensors") for c in ckpt]
+    ema = [load_ema_weights(c) for c in ckpt]
+    assert ema[0].keys() >= weights[0].keys()
+    for name in weights[0]:
+        assert torch.equal(ema[0][name], weights[0][name])  # step 2: still warming up, a copy
+        expected = 0.75 * ema[0][name] + 0.25 * weights[1][name]
+        assert torch.allclose(ema[1][name], expected, atol=1e-7)
+        expected = 0.75 * ema[1][name] + 0.25 * weights[2][name]
+        assert torch.allclose(ema[2][name], expected, atol=1e-7)
+    assert not all(torch.equal(ema[2][k], weights[2][k]) for k in weights[2])
+    last = [r for r in rows if "val/bpb" in r][-1]
+    assert last["step"] == 6 and last["val_ema/bpb"] != last["val/bpb"]
+    assert last["val_ema/tokens"] == last["val/tokens"]
+    assert generate_main([str(out), "--ema", "--max-new-tokens", "4"]) == 0
 
 
 @pytest.mark.slow

@@ -363,6 +363,22 @@ def latest_verified(run_dir: str | os.PathLike) -> Path | None:
     return None
 
 
+# Accelerate saves the objects registered for checkpointing as custom_checkpoint_<i>.pkl; the
+# loop registers one, the moving average of the weights (train.optim.make_ema).
+EMA_STATE = "custom_checkpoint_0.pkl"
+
+
+def load_ema_weights(checkpoint: Path) -> dict:
+    """The moving average of the weights saved in a checkpoint (keys of the model's
+    state_dict), on CPU; ConfigError if the run kept none."""
+    path = checkpoint / EMA_STATE
+    if not path.is_file():
+        raise ConfigError(f"{checkpoint} holds no moving average of the weights ({EMA_STATE}): "
+                          "its run had ema.decay=0")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+
+
 def load_model_weights(checkpoint: Path, model) -> dict:
     """`model`'s state_dict from a checkpoint, on CPU, in whichever form it was saved (model
     and FSDP full state: one file; FSDP sharded state: a torch.distributed.checkpoint folder,

@@ -38,10 +38,19 @@ CausalAttention, EncoderAttention, CrossAttention = (attention(r) for r in (CAUS
 
 
 class OptimConfig(Section):
+    # adamw (beta1, beta2) or sgd (momentum, nesterov): torchvision's classification recipes
+    # train ResNets with SGD + Nesterov momentum.
+    name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(0.1, ge=0, description="on weight matrices and kernels")
+    # Normalisation layers' weights and biases, and other layers' biases: no decay unless set
+    # (torchvision's recipes decay BatchNorm weights by 0, ResNet biases at weight_decay).
+    norm_weight_decay: float = Field(0.0, ge=0)
+    bias_weight_decay: float = Field(0.0, ge=0)
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd")
+    nesterov: bool = Field(False, description="sgd: Nesterov momentum (needs momentum > 0)")
     warmup_steps: int = Field(50, ge=0, description="linear warm-up, in optimizer steps")
     # After the warm-up, in optimizer steps: cosine or linear down to lr * min_lr_ratio at
     # max_steps, step (x step_gamma every step_every steps), or constant.
@@ -51,6 +60,12 @@ class OptimConfig(Section):
     step_gamma: float = Field(0.1, gt=0, le=1, description="schedule=step: factor per decay")
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm; 0 disables clipping")
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self):
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov=true needs momentum > 0 (e.g. optim.momentum=0.9)")
+        return self
+
 
 class WandbConfig(Section):
     # auto: online when W&B credentials are found (WANDB_API_KEY or ~/.netrc), else offline.
@@ -59,6 +74,15 @@ class WandbConfig(Section):
     entity: str | None = None
     name: str | None = None
     tags: list[str] = []
+
+
+class EMAConfig(Section):
+    # An exponential moving average of the weights (and buffers), kept beside the model,
+    # evaluated as val_ema/* and saved in checkpoints: every `every_steps` optimizer steps
+    # ema = decay * ema + (1 - decay) * weights; until step warmup_steps it is a copy of them.
+    decay: float = Field(0.0, ge=0, lt=1, description="0: no EMA")
+    every_steps: int = Field(1, ge=1)
+    warmup_steps: int = Field(0, ge=0)
 
 
 class LoaderConfig(Section):
@@ -134,6 +158,7 @@ class RunConfig(Section):
     # A step whose loss or gradient norm is not finite is skipped; this many in a row stop the run.
     max_nonfinite_steps: int = Field(10, ge=1)
     optim: OptimConfig = OptimConfig()
+    ema: EMAConfig = EMAConfig()
     wandb: WandbConfig = WandbConfig()
     data: LoaderConfig = LoaderConfig()  # each task narrows this to its own data schema
 

@@ -5,6 +5,8 @@
     python -m train.generate RUN_DIR --source TEXT [--source TEXT ...] \
         [--temperature T] [--top-k K] [--seed S] [--num-samples B]      (seq2seq)
 
+--ema samples with the moving average of the weights (runs trained with ema.decay > 0).
+
 A seq2seq run prints one `source<TAB>output` line per source (and sample); its decoding is
 greedy unless --temperature is given. Loads RUN_DIR's latest checkpoint on CPU, whatever device
 trained it. Which runs can generate, and from what input, is the task's to say (train.tasks).
@@ -21,8 +23,9 @@ import torch
 from train.errors import ConfigError, TrainError
 
 
-def load_run(run_dir: Path):
-    """(task, model on CPU with the latest checkpoint's weights, checkpoint) of a run directory."""
+def load_run(run_dir: Path, ema: bool = False):
+    """(task, model on CPU with the latest checkpoint's weights, or their moving average with
+    `ema`, checkpoint) of a run directory."""
     from train import checkpoint
     from train.tasks import build_task, load_config, task_spec
 
@@ -39,7 +42,9 @@ def load_run(run_dir: Path):
         raise ConfigError(f"{run_dir} has no complete, intact checkpoint under checkpoints/")
     task = build_task(config)
     model = task.model()
-    model.load_state_dict(checkpoint.load_model_weights(latest, model), strict=True)
+    weights = (checkpoint.load_ema_weights(latest) if ema else
+               checkpoint.load_model_weights(latest, model))
+    model.load_state_dict(weights, strict=True)
     return task, model.eval(), latest
 
 
@@ -57,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--ema", action="store_true",
+                        help="use the moving average of the weights (ema.decay > 0)")
     args = parser.parse_args(argv)
     if (args.max_new_tokens is not None and args.max_new_tokens < 1) or args.top_k < 0 \
             or args.num_samples < 1 or (args.temperature is not None and args.temperature <= 0):
         parser.error("need --max-new-tokens >= 1, --temperature > 0, --top-k >= 0, "
                      "--num-samples >= 1")
     try:
-        task, model, latest = load_run(args.run_dir)
+        task, model, latest = load_run(args.run_dir, args.ema)
         if task.generate_input == "source":
             if not args.source or not all(args.source):
                 raise ConfigError("a seq2seq run decodes source texts: pass --source TEXT "

@@ -34,7 +34,7 @@ from train.errors import (EXIT_BUG, ConfigError, Diverged, MainProcessFailed, St
 from train.launch import note_stopped
 from train.metrics import (MetricsLogger, StepStats, WindowTimer, peak_flops, training_record,
                            wandb_mode)
-from train.optim import optimizer_for, schedule_for
+from train.optim import make_ema, optimizer_for, schedule_for, update_ema
 from train.signals import StopFlag
 from train.tasks import Task, build_task
 
@@ -98,9 +98,10 @@ class Run:
     accelerator: Accelerator
     task: Task
     model: torch.nn.Module  # prepared (wrapped by DDP/FSDP when distributed)
-    adamw: torch.optim.AdamW  # the optimizer itself; `optimizer` is Accelerate's wrapper of it
+    torch_optimizer: torch.optim.Optimizer  # AdamW or SGD; `optimizer` is Accelerate's wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: torch.optim.swa_utils.AveragedModel | None  # the weights' moving average, if any
     batches: TrainBatches  # the training data from where the run stands
     val_dl: torch.utils.data.DataLoader
     state: dict  # what a checkpoint saves besides Accelerate's state
@@ -128,12 +129,18 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
         train_set, val_set = task.datasets()
     model = task.model()
     flops_per_sample = task.flops_per_sample(model)  # of the bare model, before any wrapping
-    # Under fp16, Accelerate's GradScaler must see a plain AdamW: with a fused one it hands the
-    # skip to the kernel, and Accelerate no longer knows which steps were skipped.
-    adamw = optimizer_for(model, config.optim, fused=accelerator.scaler is None)
+    # Under fp16, Accelerate's GradScaler must see a plain optimizer: with a fused one it hands
+    # the skip to the kernel, and Accelerate no longer knows which steps were skipped.
+    torch_optimizer = optimizer_for(model, config.optim, fused=accelerator.scaler is None)
     # Not prepared: Accelerate would step it once per process. Its state travels in loop_state.
-    scheduler = schedule_for(adamw, config)
-    model, optimizer = accelerator.prepare(model, adamw)  # wraps adamw, the same object
+    scheduler = schedule_for(torch_optimizer, config)
+    model, optimizer = accelerator.prepare(model, torch_optimizer)  # wraps it, the same object
+    ema = make_ema(accelerator.unwrap_model(model, keep_torch_compile=False), config.ema)
+    if ema is not None:
+        if accelerator.is_fsdp2 or accelerator.distributed_type.name == "FSDP":
+            raise ConfigError("ema.decay needs the whole model on every process, and FSDP shards "
+                              "it: set ema.decay=0 or train with DDP")
+        accelerator.register_for_checkpointing(ema)  # saved and restored with the rest
 
     train_dl, val_dl = make_loaders(config, accelerator, task, train_set, val_set)
     run_dir, world = Path(config.output_dir), accelerator.num_processes
@@ -169,8 +176,8 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
     stop = StopFlag().install()
     teardown.callback(stop.restore)
     model.train()
-    return Run(config, accelerator, task, model, adamw, optimizer, scheduler, batches, val_dl,
-               state, run_dir, metrics, stop, flops_per_sample,
+    return Run(config, accelerator, task, model, torch_optimizer, optimizer, scheduler, ema,
+               batches, val_dl, state, run_dir, metrics, stop, flops_per_sample,
                peak_flops(accelerator.device, config.mixed_precision))
 
 
@@ -327,9 +334,9 @@ def train_step(run: Run, stats: StepStats, timer: WindowTimer, step: int) -> Non
     finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
     if accelerator.scaler is None:
         # A non-finite step must not reach the weights, and the host must not wait to know:
-        # fused AdamW takes `found_inf` as GradScaler would hand it over, and where it is 1
-        # leaves weights, moments and step count as they were, on the device.
-        run.adamw.found_inf = (~finite).float()
+        # fused AdamW and SGD take `found_inf` as GradScaler would hand it over, and where it is
+        # 1 leave weights, moments and step count as they were, on the device.
+        run.torch_optimizer.found_inf = (~finite).float()
         run.optimizer.step()
         applied, bad = finite, ~finite
     else:
@@ -345,6 +352,10 @@ def train_step(run: Run, stats: StepStats, timer: WindowTimer, step: int) -> Non
     run.scheduler.step()
     stats.add_step(step, step_loss, grad_norm.detach(), applied, bad)
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None and step % run.config.ema.every_steps == 0:
+        sync_buffers(accelerator, model)  # every rank averages rank 0's buffers: equal EMAs
+        update_ema(run.ema, accelerator.unwrap_model(model, keep_torch_compile=False), step,
+                   run.config.ema)
     timer.steps += 1
 
 
@@ -372,6 +383,9 @@ def evaluate_and_log(run: Run, step: int) -> dict[str, float]:
     if cap == "auto":  # a bounded cost during training, the whole set at the end
         cap = None if step == run.config.max_steps else AUTO_EVAL_BATCHES
     results = evaluate(accelerator, run.task, model, run.val_dl, cap)
+    if run.ema is not None:  # the same evaluation of the averaged weights, as val_ema/*
+        averaged = evaluate(accelerator, run.task, run.ema.module, run.val_dl, cap)
+        results.update({k.replace("val/", "val_ema/", 1): v for k, v in averaged.items()})
     extras = run.task.eval_extras(model, step) if accelerator.is_main_process else {}
     run.model.train()
     run.metrics.log(step, results, extras)

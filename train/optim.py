@@ -1,4 +1,4 @@
-"""The optimizer and the learning-rate schedule."""
+"""The optimizer, the learning-rate schedule, and the moving average of the weights (EMA)."""
 
 from __future__ import annotations
 
@@ -29,13 +29,45 @@ def warmup_then(schedule: str, warmup_steps: int, total_steps: int, min_ratio: f
     return factor
 
 
-def optimizer_for(model: torch.nn.Module, cfg, fused: bool = True) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms and embeddings' 1-D parameters. Fused (one kernel
-    for all parameters, on CPU and CUDA): faster, and it can skip a step on the device."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+# Parameters of these layers get optim.norm_weight_decay (torchvision's recipes: 0).
+NORM_LAYERS = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
+               torch.nn.LocalResponseNorm)
+
+
+def param_groups(model: torch.nn.Module, cfg) -> list[dict]:
+    """Weight matrices and kernels decay by weight_decay; normalisation layers' parameters by
+    norm_weight_decay, other biases by bias_weight_decay, other 1-D parameters not at all.
+    With both of those at 0 (the default) the groups are [decay, no decay], as always: old
+    checkpoints' optimizer states still load."""
+    decay, no_decay, norm, bias = [], [], [], []
+    seen = set()  # a shared (tied) parameter is listed once, as model.parameters() does
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if cfg.norm_weight_decay and isinstance(module, NORM_LAYERS):
+                norm.append(p)
+            elif cfg.bias_weight_decay and name == "bias":
+                bias.append(p)
+            else:
+                (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if norm:
+        groups.append({"params": norm, "weight_decay": cfg.norm_weight_decay})
+    if bias:
+        groups.append({"params": bias, "weight_decay": cfg.bias_weight_decay})
+    return groups
+
+
+def optimizer_for(model: torch.nn.Module, cfg, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW or SGD (momentum, Nesterov) over param_groups. Fused (one kernel for all
+    parameters, on CPU and CUDA): faster, and it can skip a step on the device (found_inf)."""
+    groups = param_groups(model, cfg)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               fused=fused)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
 
 
@@ -48,3 +80,23 @@ def lr_factor(config):
 
 def schedule_for(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+
+
+def make_ema(model: torch.nn.Module, cfg) -> torch.optim.swa_utils.AveragedModel | None:
+    """A copy of the model for the exponential moving average of its weights and buffers
+    (`ema` config section), on the model's device; None when ema.decay is 0."""
+    if not cfg.decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    # Its update counter stays on the host (device=None), so deciding whether to copy or to
+    # average never waits for the device.
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.decay), use_buffers=True)
+
+
+def update_ema(ema, model: torch.nn.Module, step: int, cfg) -> None:
+    """Average the model in after optimizer step `step` (one of every ema.every_steps); until
+    ema.warmup_steps, copy it instead (the average starts from the warmed-up weights)."""
+    if step <= cfg.warmup_steps:
+        ema.n_averaged.zero_()  # AveragedModel copies when it has averaged nothing yet
+    ema.update_parameters(model)
