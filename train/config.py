@@ -80,6 +80,8 @@ class EMAConfig(Section):
     # An exponential moving average of the weights (and buffers), kept beside the model,
     # evaluated as val_ema/* and saved in checkpoints: every `every_steps` optimizer steps
     # ema = decay * ema + (1 - decay) * weights; until step warmup_steps it is a copy of them.
+    # On a GPU an update waits for the device once (torch's AveragedModel copies its counter
+    # there): every_steps > 1 (torchvision's recipes: 32) keeps that rare.
     decay: float = Field(0.0, ge=0, lt=1, description="0: no EMA")
     every_steps: int = Field(1, ge=1)
     warmup_steps: int = Field(0, ge=0)
