@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, cli_env, free_port, read_jsonl, run_torchrun, train_here
+from train.checkpoint import EMA_STATE, load_ema_weights
 from train.errors import EXIT_STOPPED_BY_SIGNAL, StoppedBySignal
 
 pytestmark = pytest.mark.slow
@@ -27,11 +28,17 @@ ARGS = [f"max_steps={STEPS}", "log_every=1", "eval_every=1000", "checkpoint_ever
         "data.tokenizer=byte", "data.block_size=32", "data.batch_size=8",
         "gradient_accumulation_steps=2"]
 VISION_TINY = ROOT / "configs" / "vision_tiny.yaml"
-# Random augmentation on: resuming must restore the RNG it draws from too.
+# Random augmentation and batch mixing on, and the whole recipe of torchvision's reference
+# (SGD + Nesterov, weight decay per kind, an automatic policy, random erasing, MixUp/CutMix, the
+# weights' moving average): resuming must restore the RNG they draw from and the average.
 VISION_ARGS = [f"max_steps={STEPS}", "log_every=1", "eval_every=1000", "checkpoint_every=1000",
                "wandb.mode=disabled", "progress_bar=false", "device=cpu", "model.name=resnet18",
                "data.image_size=16", "data.batch_size=8", "data.max_train_samples=200",
-               "data.max_val_samples=20", "gradient_accumulation_steps=2"]
+               "data.max_val_samples=20", "gradient_accumulation_steps=2", "optim.name=sgd",
+               "optim.lr=0.05", "optim.nesterov=true", "optim.weight_decay=1e-4",
+               "optim.bias_weight_decay=1e-4", "data.auto_augment=ta_wide",
+               "data.random_erase=0.5", "mixup_alpha=0.2", "cutmix_alpha=1.0", "ema.decay=0.9",
+               "ema.every_steps=2", "ema.warmup_steps=2", "label_smoothing=0.1"]
 FINAL = f"checkpoints/step_{STEPS:08d}/model.safetensors"
 
 
@@ -44,6 +51,9 @@ def _assert_same_run(resumed: Path, straight: Path) -> None:
         read_jsonl(straight / "metrics.jsonl"))
     a, b = load_file(resumed / FINAL), load_file(straight / FINAL)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if (straight / FINAL).with_name(EMA_STATE).exists():
+        a, b = (load_ema_weights((run / FINAL).parent) for run in (resumed, straight))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # Both signals take the same path once caught; the vision run adds the augmentation's RNG.

@@ -160,11 +160,14 @@ def test_pretrained_weights_from_the_hub_cache(tmp_path, monkeypatch):
         if not key.startswith("fc."):
             assert torch.equal(value, imagenet_layout[key]), key
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
-    # Evaluation uses the weights' own preprocessing, at the configured size.
+    # Evaluation uses the weights' own preprocessing (resize ratio 256/224, their statistics),
+    # at the configured size.
     task = ImageClassificationTask(classify_config(tmp_path, model__weights="DEFAULT"))
     _, val_set = task.datasets()
-    assert type(val_set.transform).__name__ == "ImageClassification"
-    assert val_set.transform.crop_size == [32] and val_set[0][0].shape == (3, 32, 32)
+    resize, crop = val_set.transform.transforms
+    assert (resize.size, crop.size) == ([37], (32, 32)) and val_set[0][0].shape == (3, 32, 32)
+    preset = ResNet18_Weights.DEFAULT.transforms()
+    assert task.mean == tuple(preset.mean) and task.std == tuple(preset.std)
 
 
 def test_eval_sums_and_metrics_are_exact():
@@ -254,8 +257,9 @@ def test_prepared_once_batched_images_equal_the_whole_transform(cached, monkeypa
     splits = load_image_splits(VisionDataConfig(source="builtin:digits", image_size=32), 0)
     mean, std = images.IMAGENET_MEAN, images.IMAGENET_STD
     order = [5, 0, 17, 3, 5]
-    for augment in ("affine", "crop_flip", "none"):
-        transform = images.train_transform(32, augment, mean, std)
+    for augment, policy in (("affine", "none"), ("crop_flip", "none"), ("none", "none"),
+                            ("crop_flip", "ta_wide"), ("affine", "augmix")):
+        transform = images.train_transform(32, augment, mean, std, auto_augment=policy)
         whole = v2.Compose([*transform.transforms, v2.ToImage(),
                             v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
         dataset = splits.train.with_transform(transform)
@@ -273,6 +277,81 @@ def test_prepared_once_batched_images_equal_the_whole_transform(cached, monkeypa
         one = dataset[order[0]][0]  # a single item takes the same path
         torch.manual_seed(1)
         assert torch.equal(one, whole(splits.train.raw(order[0])[0])), augment
+
+
+POLICIES = {"ra": "RandAugment", "ta_wide": "TrivialAugmentWide", "augmix": "AugMix",
+            "imagenet": "AutoAugment"}
+
+
+def test_recipe_sizes_policies_and_random_erasing(tmp_path):
+    """torchvision's recipe keys: crop sizes and interpolation, the automatic augmentation
+    policy after the crop, and random erasing of the normalised tensor."""
+    from torchvision.transforms import v2
+
+    task = ImageClassificationTask(classify_config(
+        tmp_path, data__augment="crop_flip", data__train_crop_size=24, data__val_crop_size=28,
+        data__val_resize_size=36, data__interpolation="bicubic", data__auto_augment="ra",
+        data__ra_magnitude=12))
+    train_set, val_set = task.datasets()
+    policy = train_set.transform.transforms[-1]
+    assert isinstance(policy, v2.RandAugment) and policy.magnitude == 12
+    assert policy.interpolation == v2.InterpolationMode.BICUBIC
+    assert train_set[0][0].shape == (3, 24, 24) and val_set[0][0].shape == (3, 28, 28)
+    assert [t.size for t in val_set.transform.transforms] == [[36], (28, 28)]
+    for name, cls in POLICIES.items():
+        task = ImageClassificationTask(classify_config(tmp_path, data__auto_augment=name))
+        assert type(task.datasets()[0].transform.transforms[-1]).__name__ == cls
+
+    # Erased pixels are 0 after normalisation (the mean colour) in all three channels.
+    def erased(p):
+        task = ImageClassificationTask(classify_config(tmp_path, data__random_erase=p))
+        items = task.datasets()[0].__getitems__(list(range(16)))
+        batch = torch.stack([image for image, _ in items])
+        return [bool((image == 0).all(dim=0).any()) for image in batch]
+
+    torch.manual_seed(0)
+    assert all(erased(1.0)) and not any(erased(0.0))
+    with pytest.raises(ConfigError, match="val_resize_size=20 is smaller than the validation crop"):
+        ImageClassificationTask(classify_config(tmp_path, data__val_resize_size=20)).datasets()
+
+
+def _mixed(task, n=10):
+    """One batch of n images of distinct labels through the task's MixUp/CutMix."""
+    images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone()
+    labels = torch.arange(n)
+    mixed, targets = task.mixing(images, labels)
+    return images, labels, mixed, targets
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_with_the_stated_alpha(tmp_path):
+    task = ImageClassificationTask(classify_config(tmp_path, mixup_alpha=0.2))
+    task.num_classes = 10
+    task.mixing = task._mixing()
+    torch.manual_seed(0)
+    lambdas = []
+    for _ in range(1000):
+        images, labels, mixed, targets = _mixed(task)
+        lam = targets[0, 0].item()  # image 0 mixed with image 9 (the batch rolled by one)
+        assert targets.sum(dim=1).allclose(torch.ones(10)) and (targets > 0).sum() <= 20
+        assert mixed[0].allclose(lam * images[0] + (1 - lam) * images[9])
+        lambdas.append(lam)
+    # Beta(0.2, 0.2): mean 1/2, variance 1 / (4 (2 alpha + 1)) = 0.179 (0.083 for alpha 1).
+    lambdas = torch.tensor(lambdas)
+    assert abs(lambdas.mean() - 0.5) < 0.04 and abs(lambdas.var() - 0.179) < 0.02
+
+    task = ImageClassificationTask(classify_config(tmp_path, cutmix_alpha=1.0))
+    task.num_classes = 10
+    task.mixing = task._mixing()
+    for _ in range(20):  # a box of image 9 pasted into image 0; the target weighs by area
+        images, labels, mixed, targets = _mixed(task)
+        own = (mixed[0] == 0).float().mean().item()
+        assert set(mixed[0].unique().tolist()) <= {0.0, 9.0}
+        assert targets[0, 0].item() == pytest.approx(own) and targets[0, 9] == pytest.approx(1 - own)
+
+    task = ImageClassificationTask(classify_config(tmp_path, mixup_alpha=0.2, cutmix_alpha=1.0))
+    task.num_classes = 10
+    kinds = [type(t).__name__ for t in task._mixing().transforms]
+    assert kinds == ["MixUp", "CutMix"]  # one of the two per batch, at random
 
 
 def test_unknown_model_name_is_refused_with_close_matches(tmp_path):
@@ -313,21 +392,26 @@ def test_digits_config_end_to_end_with_wandb_image_grid(tmp_path):
 
 @pytest.mark.slow
 # shufflenet has BatchNorm: after a step each rank's running statistics differ, and the loop must
-# give every rank rank 0's before evaluating, or the ranks evaluate different models.
+# give every rank rank 0's before evaluating, or the ranks evaluate different models. The same
+# holds for the weights' moving average (its buffers too): each rank evaluates its own copy.
 @pytest.mark.parametrize("name", ["shufflenet_v2_x0_5"])
 def test_two_ranks_top1_is_exact_on_an_odd_validation_set(tmp_path, name):
     run = tmp_path / "run"
     run_torchrun(2, "train", CONFIG, f"output_dir={run}", f"model.name={name}", "device=cpu",
                  "max_steps=4", "log_every=2", "eval_every=4", "checkpoint_every=4",
                  "data.max_val_samples=101", "data.batch_size=16", "data.eval_batch_size=32",
-                 "optim.warmup_steps=0", "wandb.mode=disabled", "progress_bar=false")
+                 "optim.warmup_steps=0", "wandb.mode=disabled", "progress_bar=false",
+                 "ema.decay=0.5", "mixup_alpha=0.2")
     logged = [r for r in read_jsonl(run / "metrics.jsonl") if "val/top1" in r][-1]
     assert logged["val/count"] == 101  # 51 + 50 samples, none padded or counted twice
 
-    single = single_process_metrics(run)  # the same checkpoint, one process, the whole set
-    assert single["val/count"] == 101
-    assert single["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
-    assert single["val/top1"] == logged["val/top1"] and single["val/top5"] == logged["val/top5"]
+    for prefix, ema in (("val/", False), ("val_ema/", True)):
+        # The same checkpoint, one process, the whole set.
+        single = single_process_metrics(run, ema=ema)
+        assert single["val/count"] == 101
+        assert single["val/loss"] == pytest.approx(logged[prefix + "loss"], rel=1e-6)
+        assert single["val/top1"] == logged[prefix + "top1"]
+        assert single["val/top5"] == logged[prefix + "top5"]
 
 
 

@@ -110,15 +110,18 @@ class StagedTransform:
         prepare (deterministic: resize, crop) -> augment (random, per image) -> to_tensor (batch)
 
     Of an RGB PIL image it computes exactly v2.Compose([*prepare, *augment, v2.ToImage(),
-    v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]), drawing the same random
-    numbers. Every image leaves `augment` at the same size.
+    v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]) (+ v2.RandomErasing(erase)),
+    drawing the same random numbers (erasing draws after the whole batch's augmentation). Every
+    image leaves `augment` at the same size.
     """
 
-    def __init__(self, prepare: list, augment: list, mean, std):
+    def __init__(self, prepare: list, augment: list, mean, std, erase: float = 0.0):
         self.prepare_steps, self.augment_steps = list(prepare), list(augment)
         self.transforms = [*prepare, *augment]  # what it does, for people and tests
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        # Random erasing works on the normalised tensor (erased pixels = the mean colour).
+        self.eraser = v2.RandomErasing(erase) if erase > 0 else None
 
     def prepare(self, image: Image.Image) -> Image.Image:
         for step in self.prepare_steps:
@@ -135,7 +138,11 @@ class StagedTransform:
         and Normalize, done once for the batch (image by image it costs more than augmenting)."""
         pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))
         batch = pixels.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-        return batch.mul_(1 / 255).sub_(self.mean).div_(self.std)
+        batch.mul_(1 / 255).sub_(self.mean).div_(self.std)
+        if self.eraser is not None:  # image by image: each draws its own box
+            for i in range(len(batch)):
+                batch[i] = self.eraser(batch[i])
+        return batch
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.to_tensor([self.augment(self.prepare(image))])[0]
@@ -428,18 +435,40 @@ def load_image_splits(cfg, seed: int) -> ImageSplits:
     return splits
 
 
-def train_transform(size: int, augment: str, mean, std) -> StagedTransform:
-    """Random augmentation for training; `augment` is `crop_flip`, `affine` or `none`."""
+# data.auto_augment: torchvision's policies, as its classification reference names them.
+AUTO_AUGMENT = ("none", "ra", "ta_wide", "augmix", "imagenet", "cifar10", "svhn")
+
+
+def train_transform(size: int, augment: str, mean, std, auto_augment: str = "none",
+                    interpolation: str = "bilinear", ra_magnitude: int = 9,
+                    augmix_severity: int = 3, random_erase: float = 0.0) -> StagedTransform:
+    """Random augmentation for training: `augment` (crop_flip, affine or none) makes a
+    size x size image, then the `auto_augment` policy, then (on the normalised tensor) random
+    erasing with probability `random_erase` - the order of torchvision's reference recipe."""
+    mode = v2.InterpolationMode(interpolation)
     if augment == "crop_flip":  # natural images: scale/aspect jitter, mirror symmetry
         prepare = []  # the random crop needs the whole decoded image
-        random = [v2.RandomResizedCrop(size, scale=(0.35, 1.0)), v2.RandomHorizontalFlip()]
+        random = [v2.RandomResizedCrop(size, scale=(0.35, 1.0), interpolation=mode),
+                  v2.RandomHorizontalFlip()]
     elif augment == "affine":  # glyphs: small shifts, rotations and scalings, never mirrored
-        prepare = [v2.Resize(size), v2.CenterCrop(size)]
+        prepare = [v2.Resize(size, interpolation=mode), v2.CenterCrop(size)]
         random = [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))]
     else:
-        prepare, random = [v2.Resize(size), v2.CenterCrop(size)], []
-    return StagedTransform(prepare, random, mean, std)
+        prepare, random = [v2.Resize(size, interpolation=mode), v2.CenterCrop(size)], []
+    if auto_augment == "ra":
+        random.append(v2.RandAugment(magnitude=ra_magnitude, interpolation=mode))
+    elif auto_augment == "ta_wide":
+        random.append(v2.TrivialAugmentWide(interpolation=mode))
+    elif auto_augment == "augmix":
+        random.append(v2.AugMix(severity=augmix_severity, interpolation=mode))
+    elif auto_augment != "none":
+        random.append(v2.AutoAugment(v2.AutoAugmentPolicy(auto_augment), interpolation=mode))
+    return StagedTransform(prepare, random, mean, std, random_erase)
 
 
-def eval_transform(size: int, mean, std) -> StagedTransform:
-    return StagedTransform([v2.Resize(size), v2.CenterCrop(size)], [], mean, std)
+def eval_transform(resize: int, crop: int, mean, std,
+                   interpolation: str = "bilinear") -> StagedTransform:
+    """Resize the short side to `resize`, then the centre crop x crop (no randomness)."""
+    mode = v2.InterpolationMode(interpolation)
+    return StagedTransform([v2.Resize(resize, interpolation=mode), v2.CenterCrop(crop)], [],
+                           mean, std)

@@ -9,8 +9,8 @@ from pydantic import Field, field_validator
 from torch.nn import functional as F
 
 from train.config import LoaderConfig, RunConfig, Section
-from train.data.images import (IMAGENET_MEAN, IMAGENET_STD, eval_transform, load_image_splits,
-                               train_transform)
+from train.data.images import (AUTO_AUGMENT, IMAGENET_MEAN, IMAGENET_STD, eval_transform,
+                               load_image_splits, train_transform)
 from train.errors import ConfigError
 from train.models.vision import (build_classifier, check_model_name, check_weights,
                                  pretrained_weights)
@@ -33,8 +33,23 @@ class VisionDataConfig(LoaderConfig):
     max_train_samples: int | None = Field(None, ge=1)
     max_val_samples: int | None = Field(None, ge=1)
     image_size: int | None = Field(None, ge=8, description="None: the pretrained crop size or 224")
+    # Sizes of torchvision's recipes, each None = from image_size: the training crop, the
+    # validation crop, and the short side validation images are resized to before it (None: in
+    # the pretrained weights' ratio, or the crop size itself).
+    train_crop_size: int | None = Field(None, ge=8)
+    val_crop_size: int | None = Field(None, ge=8)
+    val_resize_size: int | None = Field(None, ge=8)
+    # auto: the pretrained weights' own (bicubic for some), else bilinear.
+    interpolation: Literal["auto", "bilinear", "bicubic", "nearest"] = "auto"
     # auto: `affine` for digits and letters (a flipped 2 is no 2), `crop_flip` otherwise.
     augment: Literal["auto", "crop_flip", "affine", "none"] = "auto"
+    # After `augment`, an automatic policy: ra (RandAugment at ra_magnitude), ta_wide
+    # (TrivialAugmentWide), augmix (at augmix_severity), or an AutoAugment policy (imagenet,
+    # cifar10, svhn); then random erasing of each training image with probability random_erase.
+    auto_augment: Literal[AUTO_AUGMENT] = "none"
+    ra_magnitude: int = Field(9, ge=0, le=30)
+    augmix_severity: int = Field(3, ge=1, le=10)
+    random_erase: float = Field(0.0, ge=0, le=1)
     # An image file that cannot be read: skip it with a warning naming it, or stop (exit 2).
     bad_images: Literal["skip", "fail"] = "skip"
 
@@ -64,6 +79,11 @@ class ClassifyConfig(RunConfig):
     data: VisionDataConfig = VisionDataConfig()
     model: VisionModelConfig = VisionModelConfig()
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Batch mixing: MixUp and/or CutMix with these Beta(alpha, alpha) parameters (0 = off; with
+    # both on, one of the two at random per batch). The loss is on the mixed targets; top-1 and
+    # the validation metrics stay on the true labels.
+    mixup_alpha: float = Field(0.0, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
     example_images: int = Field(16, ge=0, description="validation images logged as a grid; 0: none")
 
 
@@ -78,24 +98,34 @@ class ImageClassificationTask:
         self.num_classes = config.model.num_classes
         self.classes: list[str] | None = None
         self.val_set = None
+        self.mixing = None
 
     # --- data ---
     def _transforms(self, glyphs: bool):
         d = self.config.data
         augment = ("affine" if glyphs else "crop_flip") if d.augment == "auto" else d.augment
         if self.weights is None:
-            size = d.image_size or DEFAULT_IMAGE_SIZE
-            self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
-            return train_transform(size, augment, self.mean, self.std), eval_transform(
-                size, self.mean, self.std)
-        # Pretrained weights come with their own evaluation preprocessing (resize, crop, norm).
-        preset = self.weights.transforms()
-        if d.image_size is not None:
+            crop = d.image_size or DEFAULT_IMAGE_SIZE
+            ratio, self.mean, self.std = 1.0, IMAGENET_MEAN, IMAGENET_STD
+            interpolation = "bilinear"
+        else:  # pretrained weights come with their own preprocessing: its sizes and statistics
+            preset = self.weights.transforms()
+            crop = d.image_size or preset.crop_size[0]
             ratio = preset.resize_size[0] / preset.crop_size[0]
-            preset = self.weights.transforms(crop_size=d.image_size,
-                                             resize_size=round(d.image_size * ratio))
-        self.mean, self.std = tuple(preset.mean), tuple(preset.std)
-        return train_transform(preset.crop_size[0], augment, self.mean, self.std), preset
+            self.mean, self.std = tuple(preset.mean), tuple(preset.std)
+            interpolation = preset.interpolation.value
+        if d.interpolation != "auto":
+            interpolation = d.interpolation
+        val_crop = d.val_crop_size or crop
+        val_resize = d.val_resize_size or round(val_crop * ratio)
+        if val_resize < val_crop:
+            raise ConfigError(f"data.val_resize_size={val_resize} is smaller than the validation "
+                              f"crop ({val_crop}): the crop would be padded; set "
+                              f"data.val_resize_size >= {val_crop}")
+        train = train_transform(d.train_crop_size or crop, augment, self.mean, self.std,
+                                d.auto_augment, interpolation, d.ra_magnitude,
+                                d.augmix_severity, d.random_erase)
+        return train, eval_transform(val_resize, val_crop, self.mean, self.std, interpolation)
 
     def datasets(self):
         splits = load_image_splits(self.config.data, self.config.seed)
@@ -124,6 +154,7 @@ class ImageClassificationTask:
         m = self.config.model
         model, self.head_path = build_classifier(m.name, self.num_classes, m.weights,
                                                  m.freeze_backbone, m.channels_last)
+        self.mixing = self._mixing()
         return model
 
     def flops_per_sample(self, model) -> float:
@@ -144,9 +175,21 @@ class ImageClassificationTask:
         return model(images).float()
 
     # --- training and evaluation ---
+    def _mixing(self):
+        """MixUp / CutMix over a batch (v2, as torchvision's reference recipe), or None."""
+        from torchvision.transforms import v2
+
+        c, n = self.config, self.num_classes
+        mixes = ([v2.MixUp(alpha=c.mixup_alpha, num_classes=n)] if c.mixup_alpha else []) + (
+            [v2.CutMix(alpha=c.cutmix_alpha, num_classes=n)] if c.cutmix_alpha else [])
+        return v2.RandomChoice(mixes) if mixes else None
+
     def loss(self, model, batch):
         images, labels = batch
-        loss = F.cross_entropy(self._logits(model, images), labels,
+        targets = labels
+        if self.mixing is not None:  # soft targets: a mix of two one-hot labels per image
+            images, targets = self.mixing(images, labels)
+        loss = F.cross_entropy(self._logits(model, images), targets,
                                label_smoothing=self.config.label_smoothing)
         # Made on the device: torch.tensor(n, device=...) would be a blocking host-to-device copy.
         return loss, {"images": torch.full((), len(labels), device=labels.device)}
