@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 
-from train.errors import EXIT_BUG, as_user_error
+from train.errors import exit_status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,15 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
         train(config)
     except Exception as exc:  # noqa: BLE001 - every failure ends here, told as what it is
-        error = as_user_error(exc)
-        if error is None:
-            traceback.print_exc()
-            print("error: this is a bug in train (the traceback above says where); please "
-                  "report it", file=sys.stderr)
-            return EXIT_BUG
-        if not error.quiet:
-            print(f"{error.prefix}{error}", file=sys.stderr)
-        return error.exit_code
+        return exit_status(exc)
     return 0
 
 

@@ -8,6 +8,8 @@ as one line on stderr and exit with the status; anything else that escapes is a 
 from __future__ import annotations
 
 import errno
+import sys
+import traceback
 
 EXIT_BUG = 1
 EXIT_BAD_INPUT = 2
@@ -80,3 +82,17 @@ def as_user_error(exc: BaseException) -> TrainError | None:
         return EnvironmentFailure(f"{exc.strerror}{where}; fix the machine (space, permissions, "
                                   "filesystem), then run the same command to resume")
     return None
+
+
+def exit_status(exc: BaseException) -> int:
+    """What a command prints for a failure, and the status it exits with: one line for bad
+    input or the machine, the traceback for a bug."""
+    error = as_user_error(exc)
+    if error is None:
+        traceback.print_exc()
+        print("error: this is a bug in train (the traceback above says where); please report it",
+              file=sys.stderr)
+        return EXIT_BUG
+    if not error.quiet:
+        print(f"{error.prefix}{error}", file=sys.stderr)
+    return error.exit_code

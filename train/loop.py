@@ -392,9 +392,15 @@ def evaluate_and_log(run: Run, step: int) -> dict[str, float]:
     return results
 
 
-@torch.no_grad()
 def evaluate(accelerator, task, model, loader, max_batches: int | None) -> dict[str, float]:
-    """Exact over the whole validation set: per-rank sums, then one sum-reduce across ranks."""
+    """The task's metrics, exact over the whole validation set (or max_batches per rank)."""
+    return task.eval_metrics(evaluation_sums(accelerator, task, model, loader, max_batches))
+
+
+@torch.no_grad()
+def evaluation_sums(accelerator, task, model, loader, max_batches: int | None) -> dict:
+    """The task's eval_sums over the loader: per-rank sums, then one sum-reduce across ranks;
+    every rank gets the totals (plain numbers, or lists for vector sums)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     for i, batch in enumerate(loader):
@@ -409,7 +415,7 @@ def evaluate(accelerator, task, model, loader, max_batches: int | None) -> dict[
     flat = accelerator.reduce(torch.cat([sums[k].reshape(-1) for k in keys]), reduction="sum")
     totals = dict(zip(keys, flat.split([sums[k].numel() for k in keys])))
     model.train()
-    return task.eval_metrics({k: totals[k].reshape(sums[k].shape).tolist() for k in keys})
+    return {k: totals[k].reshape(sums[k].shape).tolist() for k in keys}
 
 
 def sync_buffers(accelerator, model) -> None:

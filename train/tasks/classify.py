@@ -99,6 +99,7 @@ class ImageClassificationTask:
         self.classes: list[str] | None = None
         self.val_set = None
         self.mixing = None
+        self.per_class = False  # train.evaluate: also sum the confusion matrix
 
     # --- data ---
     def _transforms(self, glyphs: bool):
@@ -199,14 +200,38 @@ class ImageClassificationTask:
         logits = self._logits(model, images)
         k = min(5, logits.shape[1])  # "top-5" of fewer classes: every class counts
         hits = logits.topk(k, dim=1).indices == labels[:, None]
-        return {"loss": F.cross_entropy(logits, labels, reduction="sum"),
+        sums = {"loss": F.cross_entropy(logits, labels, reduction="sum"),
                 "top1": hits[:, 0].sum(), "top5": hits.any(dim=1).sum(),
                 "count": torch.tensor(len(labels), device=labels.device)}
+        if self.per_class:  # rows: true class, columns: predicted class
+            n = logits.shape[1]
+            sums["confusion"] = torch.bincount(labels * n + logits.argmax(dim=1),
+                                               minlength=n * n).view(n, n)
+        return sums
 
     def eval_metrics(self, sums):
         count = max(sums["count"], 1)
         return {"val/loss": sums["loss"] / count, "val/top1": sums["top1"] / count,
                 "val/top5": sums["top5"] / count, "val/count": int(sums["count"])}
+
+    def eval_report(self, sums, image_path) -> dict:
+        """train.evaluate's breakdown: accuracy per class (None for a class absent from the
+        data) and the confusion matrix, also drawn at image_path (darker = more of the row)."""
+        import numpy as np
+        from PIL import Image
+
+        matrix = np.array(sums["confusion"], dtype=np.int64)
+        names = self.classes or [str(i) for i in range(len(matrix))]
+        totals = matrix.sum(axis=1)
+        per_class = {name: (float(matrix[i, i] / totals[i]) if totals[i] else None)
+                     for i, name in enumerate(names)}
+        share = matrix / np.maximum(totals, 1)[:, None]
+        cell = max(1, 512 // len(matrix))
+        pixels = np.kron(np.round(255 * (1 - share)).astype(np.uint8),
+                         np.ones((cell, cell), dtype=np.uint8))
+        Image.fromarray(pixels).save(image_path)
+        return {"classes": names, "per_class_top1": per_class,
+                "confusion_matrix": matrix.tolist(), "confusion_png": str(image_path)}
 
     @torch.no_grad()
     def eval_extras(self, model, step):

@@ -1,0 +1,84 @@
+"""`python -m train.evaluate RUN_DIR [CHECKPOINT] [--ema] [overrides]`: a checkpoint's metrics on
+the run's validation data or other data, the same in one process or several, with an image
+classifier's accuracy per class and confusion matrix; bad input exits 2 and writes nothing."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT, run_torchrun, train_here
+from train.evaluate import main as evaluate
+
+VISION = ROOT / "configs" / "vision_tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def vision_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("evaluate") / "run"
+    rows, error = train_here(VISION, f"output_dir={run}", "max_steps=2", "log_every=1",
+                             "eval_every=2", "checkpoint_every=2", "wandb.mode=disabled",
+                             "progress_bar=false", "device=cpu", "model.name=resnet18",
+                             "data.image_size=16", "data.batch_size=8",
+                             "data.max_train_samples=64", "data.max_val_samples=50",
+                             "ema.decay=0.5")
+    assert error is None
+    return run, [r for r in rows if "val/top1" in r][-1]
+
+
+def test_a_checkpoint_reports_what_the_run_logged_per_class_and_as_a_confusion_matrix(
+        vision_run, capsys):
+    run, logged = vision_run
+    assert evaluate([str(run)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    report = json.loads((run / "eval" / "step_00000002.json").read_text())
+    assert printed["val/top1"] == report["val/top1"] == logged["val/top1"]
+    assert report["val/loss"] == pytest.approx(logged["val/loss"], rel=1e-6)
+    assert report["val/count"] == 50 and report["classes"] == [str(d) for d in range(10)]
+    matrix = report["confusion_matrix"]
+    assert sum(map(sum, matrix)) == 50
+    assert sum(matrix[i][i] for i in range(10)) == round(report["val/top1"] * 50)
+    for i, name in enumerate(report["classes"]):  # a class's accuracy is its row's diagonal
+        row = sum(matrix[i])
+        assert report["per_class_top1"][name] == (matrix[i][i] / row if row else None)
+    with Image.open(report["confusion_png"]) as png:
+        assert png.size == (510, 510)  # 10 classes x 51 px
+
+    assert evaluate([str(run), "--ema"]) == 0  # the moving average: what the run logged too
+    ema = json.loads((run / "eval" / "step_00000002-ema.json").read_text())
+    assert ema["val/top1"] == logged["val_ema/top1"] and ema["ema"] is True
+    assert ema["val/loss"] == pytest.approx(logged["val_ema/loss"], rel=1e-6)
+
+
+def test_other_data_through_overrides_and_a_chosen_checkpoint(vision_run, tmp_path):
+    run, _ = vision_run
+    out = tmp_path / "small.json"
+    assert evaluate([str(run), str(run / "checkpoints" / "step_00000002"),
+                     "data.max_val_samples=20", "data.eval_batch_size=7", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["val/count"] == 20 and report["checkpoint"].endswith("step_00000002")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["{run}/checkpoints/step_00000099"], "unreadable loop_state.json"),
+    (["data.max_val_samples=0"], "data.max_val_samples=0"),
+    (["{run}/checkpoints/step_00000002", "--ema", "model.name=resnet34"], "Missing key"),
+], ids=["not-a-checkpoint", "bad-override", "other-model"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(vision_run, capsys, args, message):
+    run, _ = vision_run
+    before = sorted((run / "eval").glob("*")) if (run / "eval").exists() else []
+    assert evaluate([str(run), *(a.format(run=run) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert (sorted((run / "eval").glob("*")) if (run / "eval").exists() else []) == before
+
+
+@pytest.mark.slow
+def test_two_processes_report_what_one_does(vision_run, tmp_path):
+    run, _ = vision_run
+    assert evaluate([str(run), "--out", str(tmp_path / "one.json")]) == 0
+    run_torchrun(2, "train.evaluate", run, "--out", tmp_path / "two.json")
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["processes"] == 2 and two["val/count"] == one["val/count"] == 50
+    assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
+    assert two["val/top1"] == one["val/top1"] and two["confusion_matrix"] == one["confusion_matrix"]
