@@ -30,6 +30,21 @@ def test_each_schedule_after_the_warmup():
     assert warmup_then("constant", 4, 20)(19) == 1.0
 
 
+def test_decay_steps_sets_where_the_schedule_ends():
+    from train.optim import lr_factor
+
+    config = load(LM_TINY, ["output_dir=x", "max_steps=200", "optim.warmup_steps=50",
+                            "optim.min_lr_ratio=0.1"])
+    assert lr_factor(config)(200) == pytest.approx(0.1)
+    longer = load(LM_TINY, ["output_dir=x", "max_steps=200", "optim.warmup_steps=50",
+                            "optim.min_lr_ratio=0.1", "optim.decay_steps=400"])
+    # Step 200 of a 400-step cosine: half-way down, as the 400-step run has it there.
+    assert lr_factor(longer)(200) == pytest.approx(
+        lr_factor(load(LM_TINY, ["output_dir=x", "max_steps=400", "optim.warmup_steps=50",
+                                 "optim.min_lr_ratio=0.1"]))(200))
+    assert 0.1 < lr_factor(longer)(200) < 1
+
+
 def test_a_run_logs_the_lr_of_its_schedule(tmp_path):
     rows, error = train_here(
         LM_TINY, f"output_dir={tmp_path / 'run'}", "max_steps=6", "log_every=1",

@@ -55,6 +55,9 @@ class OptimConfig(Section):
     # After the warm-up, in optimizer steps: cosine or linear down to lr * min_lr_ratio at
     # max_steps, step (x step_gamma every step_every steps), or constant.
     schedule: Literal["cosine", "linear", "step", "constant"] = "cosine"
+    # Where cosine/linear reach their end; None: max_steps. Longer than max_steps: the run stops
+    # part-way down the schedule (and can be extended later with the same curve).
+    decay_steps: int | None = Field(None, ge=1)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine/linear end at lr * this")
     step_every: int = Field(1000, ge=1, description="schedule=step: steps between decays")
     step_gamma: float = Field(0.1, gt=0, le=1, description="schedule=step: factor per decay")

@@ -72,10 +72,11 @@ def optimizer_for(model: torch.nn.Module, cfg, fused: bool = True) -> torch.opti
 
 
 def lr_factor(config):
-    """The run's LR multiplier per step: its warm-up, then its schedule over max_steps."""
+    """The run's LR multiplier per step: its warm-up, then its schedule over max_steps (or
+    optim.decay_steps)."""
     o = config.optim
-    return warmup_then(o.schedule, o.warmup_steps, config.max_steps, o.min_lr_ratio,
-                       o.step_every, o.step_gamma)
+    return warmup_then(o.schedule, o.warmup_steps, o.decay_steps or config.max_steps,
+                       o.min_lr_ratio, o.step_every, o.step_gamma)
 
 
 def schedule_for(optimizer: torch.optim.Optimizer, config) -> torch.optim.lr_scheduler.LambdaLR:
