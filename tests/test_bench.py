@@ -97,3 +97,27 @@ def test_data_bench_measures_ingest_against_the_copy_floor(tmp_path):
     byte = ingest(corpus, ByteTokenizer(), tmp_path / "cache")
     assert byte["mb_per_s"] > 0 and byte["text_mb"] >= 2
     assert 2.0 <= byte["bytes_per_token_on_disk"] <= 2.1
+
+
+def test_nanogpt_bench_needs_a_checkout_and_writes_its_data_from_our_split(tmp_path, capsys):
+    """The nanoGPT side by side (it runs nanoGPT itself, so not here): a missing checkout is
+    bad input; the data it hands nanoGPT are this project's own train/validation tokens."""
+    import pickle
+
+    import numpy as np
+
+    from train.bench.nanogpt import DATASET, _corpus, main, prepare_data
+
+    assert main(["--nanogpt-dir", str(tmp_path)]) == 2
+    assert "not a nanoGPT checkout" in capsys.readouterr().err
+    info = prepare_data(tmp_path)
+    data = tmp_path / "data" / DATASET
+    corpus, _ = _corpus()
+    val = np.fromfile(data / "val.bin", dtype=np.uint16)
+    assert len(val) == info["val_tokens"] == corpus.val.end - corpus.val.start
+    first = corpus.val[0]  # the first block this project scores: the same tokens
+    assert val[:128].tolist() == first["input_ids"].tolist()
+    assert val[1:129].tolist() == first["labels"].tolist()
+    train = np.fromfile(data / "train.bin", dtype=np.uint16)
+    assert len(train) == corpus.train.end - corpus.train.start
+    assert pickle.loads((data / "meta.pkl").read_bytes()) == {"vocab_size": 259}

@@ -2,7 +2,8 @@
 
 ``BENCHMARKS`` maps a name to a function ``(quick: bool, as_json: bool) -> int`` (exit status)
 that prints its own report. Each entry imports its module lazily, so listing names stays cheap.
-``gpu`` is the GPU check (its own options: ``python -m train.bench gpu --help``).
+``gpu`` is the GPU check (its own options: ``python -m train.bench gpu --help``);
+``nanogpt`` compares with a checkout of karpathy/nanoGPT (``python -m train.bench nanogpt --help``).
 """
 
 from __future__ import annotations
@@ -37,4 +38,5 @@ BENCHMARKS: dict[str, Callable[[bool, bool], int]] = {
     "data": _reported("data", "bench_data", "format_data"),
     "context": _reported("context", "bench_context", "format_context"),
 }
-COMMANDS = {"gpu": "train.bench.gpu"}  # benchmarks with options of their own
+COMMANDS = {"gpu": "train.bench.gpu",  # benchmarks with options of their own
+            "nanogpt": "train.bench.nanogpt"}

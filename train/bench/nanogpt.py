@@ -1,0 +1,224 @@
+"""This project's language model side by side with karpathy/nanoGPT on the same bytes:
+`python -m train.bench nanogpt --nanogpt-dir DIR [--out DIR] [--steps N] [--json]`.
+
+DIR is a checkout of nanoGPT (git clone https://github.com/karpathy/nanoGPT DIR); its own
+train.py trains its arm, and its model.py loads its checkpoint for scoring. Both arms see the
+embedded pydoc text in byte tokens with this project's split (written to DIR/data/{DATASET}/ in
+nanoGPT's format), the same shape (4 layers, width 256, 4 heads, MLP 1024) and the same
+optimisation (AdamW 2e-3, warm-up 50, cosine towards 2e-4 over 2 x N steps, weight decay 0.1,
+beta2 0.95, clip 1.0, batch 32), and run at the same time, one thread each, so that both see
+the same machine load. Reported:
+
+- context 128: validation bits per byte after N steps, both scored on exactly the validation
+  blocks this project evaluates, the time per step and the peak resident memory;
+- context 1024 (batch 4) and 4096 (batch 1): tokens per second and peak memory over a few steps.
+
+It takes about 15 minutes on 2 cores at N = 200 (nanoGPT's softmax attention at 4096 is the
+slowest part).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import importlib.util
+import io
+import json
+import math
+import os
+import pickle
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+DATASET = "train_bench_pydoc_bytes"
+SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 256}  # nanoGPT's MLP is 4 x n_embd = 1024
+RECIPE = {"lr": 2e-3, "warmup": 50, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta2": 0.95,
+          "clip": 1.0}
+LONG = ((1024, 4), (4096, 1))
+LONG_STEPS = 12
+# Runs a command and writes its peak resident memory (KiB, Linux) to a file.
+PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+            "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
+            ".ru_maxrss)); sys.exit(code)")
+
+
+def _corpus():
+    from train.data.corpus import prepare
+    from train.data.tokenizer import ByteTokenizer
+    from train.tasks import load_config
+
+    cfg = load_config(ROOT / "configs" / "lm_tiny.yaml",
+                      ["output_dir=unused", "data.tokenizer=byte", "data.block_size=128"]).data
+    return prepare(cfg, ByteTokenizer(), show_progress=False)
+
+
+def prepare_data(nanogpt_dir: Path) -> dict:
+    """Write this project's train/validation tokens as nanoGPT's train.bin / val.bin."""
+    corpus, tokenizer = _corpus()
+    out = nanogpt_dir / "data" / DATASET
+    out.mkdir(parents=True, exist_ok=True)
+    for name, blocks in (("train", corpus.train), ("val", corpus.val)):
+        tokens = np.fromfile(Path(blocks.store_path) / "tokens.bin", dtype=blocks.meta["dtype"])
+        tokens[blocks.start:blocks.end].astype(np.uint16).tofile(out / f"{name}.bin")
+    with open(out / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": tokenizer.vocab_size}, f)
+    return {"val_tokens": corpus.val_tokens, "val_bytes": corpus.val_bytes}
+
+
+def score_nanogpt(nanogpt_dir: Path, checkpoint: Path, block: int, corpus: dict) -> float:
+    """Bits per byte of a nanoGPT checkpoint over the validation blocks this project scores:
+    consecutive blocks of `block` predicted tokens, the last one shorter."""
+    import torch
+
+    spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt_dir / "model.py")
+    model_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_py)
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+        model = model_py.GPT(model_py.GPTConfig(**saved["model_args"]))
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in saved["model"].items()})
+    model.eval()
+    val = np.fromfile(nanogpt_dir / "data" / DATASET / "val.bin", dtype=np.uint16)
+    val = torch.from_numpy(val.astype(np.int64))
+    nats = count = 0
+    with torch.no_grad():
+        for begin in range(0, len(val) - 1, block):
+            y = val[begin + 1:begin + block + 1]
+            x = val[begin:begin + len(y)]
+            logits, _ = model(x[None], y[None])
+            nats += torch.nn.functional.cross_entropy(logits[0], y, reduction="sum").item()
+            count += len(y)
+    return nats / count * corpus["val_tokens"] / corpus["val_bytes"] / math.log(2)
+
+
+def _nanogpt_command(out: Path, block: int, batch: int, steps: int, decay: int) -> list[str]:
+    r = RECIPE
+    flags = {"dataset": DATASET, "device": "cpu", "compile": False, "dtype": "float32",
+             "gradient_accumulation_steps": 1, "batch_size": batch, "block_size": block,
+             **SHAPE, "dropout": 0.0, "bias": False, "learning_rate": r["lr"],
+             "max_iters": steps, "lr_decay_iters": decay, "warmup_iters": r["warmup"],
+             "min_lr": r["lr"] * r["min_lr_ratio"], "weight_decay": r["weight_decay"],
+             "beta2": r["beta2"], "grad_clip": r["clip"], "eval_interval": steps,
+             "eval_iters": 1, "log_interval": 1, "always_save_checkpoint": True,
+             "out_dir": str(out), "wandb_log": False}
+    return ["train.py", *(f"--{k}={v}" for k, v in flags.items())]
+
+
+def _our_command(out: Path, block: int, batch: int, steps: int, decay: int) -> list[str]:
+    r = RECIPE
+    return ["-m", "train", str(ROOT / "configs" / "lm_tiny.yaml"), f"output_dir={out}",
+            "data.tokenizer=byte", f"data.block_size={block}", f"data.batch_size={batch}",
+            f"max_steps={steps}", f"optim.decay_steps={decay}", f"optim.lr={r['lr']}",
+            f"optim.warmup_steps={r['warmup']}", f"optim.min_lr_ratio={r['min_lr_ratio']}",
+            f"optim.weight_decay={r['weight_decay']}", f"optim.beta2={r['beta2']}",
+            f"optim.grad_clip={r['clip']}", f"eval_every={steps}", "eval_max_batches=null",
+            f"checkpoint_every={steps}", f"log_every={min(10, steps)}", "wandb.mode=disabled",
+            "progress_bar=false", "lm.sample_tokens=0", "data.eval_batch_size=8"]
+
+
+def _run_pair(nanogpt_dir: Path, out: Path, block: int, batch: int, steps: int,
+              decay: int) -> dict:
+    """Both arms at once, one thread each; their logs, peak memory and exit status."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    arms = {"nanogpt": (_nanogpt_command(out / "nanogpt", block, batch, steps, decay),
+                        nanogpt_dir),
+            "ours": (_our_command(out / "ours", block, batch, steps, decay), ROOT)}
+
+    def run(name):
+        command, cwd = arms[name]
+        with open(out / f"{name}.log", "w") as log:
+            code = subprocess.run([sys.executable, "-c", PEAK_RSS, str(out / f"{name}.rss"),
+                                   sys.executable, *command], cwd=cwd, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT).returncode
+        if code:
+            raise RuntimeError(f"{name} at context {block} exited {code}; see {out / name}.log")
+        return int((out / f"{name}.rss").read_text()) / 1024
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        peaks = dict(zip(arms, pool.map(run, arms)))
+    # Seconds per step after the first 10 (start-up, first allocations), each arm's own log.
+    times = [float(t) / 1000 for i, t in re.findall(r"iter (\d+): loss \S+, time ([\d.]+)ms",
+                                                   (out / "nanogpt.log").read_text())
+             if 10 < int(i) < steps]  # the last one also evaluates and saves
+    rows = [json.loads(line) for line in (out / "ours" / "metrics.jsonl").open()]
+    ours = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > 10]
+    return {"context": block, "batch": batch, "steps": steps,
+            "nanogpt_s_per_step": statistics.mean(times), "ours_s_per_step": statistics.mean(ours),
+            "nanogpt_peak_mib": peaks["nanogpt"], "ours_peak_mib": peaks["ours"],
+            "ours_val_bpb": [r for r in rows if "val/bpb" in r][-1]["val/bpb"]}
+
+
+def bench_nanogpt(nanogpt_dir: Path, out: Path, steps: int) -> dict:
+    corpus = prepare_data(nanogpt_dir)
+    short = _run_pair(nanogpt_dir, out / "context_128", 128, 32, steps, 2 * steps)
+    short["nanogpt_val_bpb"] = score_nanogpt(nanogpt_dir, out / "context_128" / "nanogpt" /
+                                             "ckpt.pt", 128, corpus)
+    rows = [short]
+    for block, batch in LONG:
+        row = _run_pair(nanogpt_dir, out / f"context_{block}", block, batch, LONG_STEPS,
+                        2 * steps)
+        del row["ours_val_bpb"]  # a few steps: only speed and memory mean something
+        rows.append(row)
+    for row in rows:
+        tokens = row["context"] * row["batch"]
+        row["nanogpt_tokens_per_s"] = tokens / row["nanogpt_s_per_step"]
+        row["ours_tokens_per_s"] = tokens / row["ours_s_per_step"]
+    return {"benchmark": "nanogpt", "steps": steps, "rows": rows}
+
+
+def format_nanogpt(r: dict) -> str:
+    short = r["rows"][0]
+    lines = ["| context | figure | nanoGPT | this project |", "|---|---|---|---|",
+             f"| 128 | val bits/byte at step {r['steps']} | {short['nanogpt_val_bpb']:.3f} | "
+             f"{short['ours_val_bpb']:.3f} |",
+             f"| 128 | seconds per step | {short['nanogpt_s_per_step']:.2f} | "
+             f"{short['ours_s_per_step']:.2f} "
+             f"({short['ours_s_per_step'] / short['nanogpt_s_per_step']:.2f}x) |"]
+    for row in r["rows"]:
+        if row["context"] != 128:
+            lines.append(f"| {row['context']} (batch {row['batch']}) | tokens/s | "
+                         f"{row['nanogpt_tokens_per_s']:.0f} | {row['ours_tokens_per_s']:.0f} "
+                         f"({row['ours_tokens_per_s'] / row['nanogpt_tokens_per_s']:.2f}x) |")
+    for row in r["rows"]:
+        lines.append(f"| {row['context']} | peak resident memory | "
+                     f"{row['nanogpt_peak_mib']:.0f} MiB | {row['ours_peak_mib']:.0f} MiB |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.bench nanogpt", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nanogpt-dir", type=Path, required=True,
+                        help="a checkout of https://github.com/karpathy/nanoGPT")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where both arms' runs go (default: a temporary directory)")
+    parser.add_argument("--steps", type=int, default=200,
+                        help="training steps at context 128, of a schedule twice as long")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    if not all((args.nanogpt_dir / name).is_file() for name in ("train.py", "model.py")):
+        print(f"error: --nanogpt-dir {args.nanogpt_dir} is not a nanoGPT checkout (no train.py "
+              "and model.py); git clone https://github.com/karpathy/nanoGPT there",
+              file=sys.stderr)
+        return 2
+    if args.steps < 20:
+        print("error: --steps must be at least 20 (the first 10 are not timed)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            results = bench_nanogpt(args.nanogpt_dir.resolve(),
+                                    (args.out or Path(tmp)).resolve(), args.steps)
+        except RuntimeError as exc:  # an arm failed: its log says why
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    print(json.dumps(results) if args.json else format_nanogpt(results))
+    return 0
