@@ -90,7 +90,7 @@ class FixedClassesFolder(ImageFolder):
         return sorted(fixed, key=fixed.get), fixed
 
 
-def _as_rgb(image) -> Image.Image:
+def as_rgb(image) -> Image.Image:
     """Every model takes 3 channels: grayscale, palette and RGBA images are converted."""
     if isinstance(image, dict) and image.get("bytes") is not None:  # undecoded HF image
         import io
@@ -202,7 +202,7 @@ class ImageSubset(Dataset):
 
     def raw(self, i: int):
         image, label = self.base[self.indices[i]]
-        return _as_rgb(image), int(label)
+        return as_rgb(image), int(label)
 
     def describe(self, i: int) -> str:
         """Where item i comes from, for messages: a file path where the source has files."""

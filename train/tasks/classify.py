@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -11,12 +15,14 @@ from torch.nn import functional as F
 from train.config import LoaderConfig, RunConfig, Section
 from train.data.images import (AUTO_AUGMENT, IMAGENET_MEAN, IMAGENET_STD, eval_transform,
                                load_image_splits, train_transform)
+from train.data.token_store import cache_root
 from train.errors import ConfigError
 from train.models.vision import (build_classifier, check_model_name, check_weights,
                                  pretrained_weights)
 from train.tasks import register_task
 
 DEFAULT_IMAGE_SIZE = 224
+CLASSES_FILE = "classes.json"  # the class names, index by index, kept in the run directory
 
 
 class VisionDataConfig(LoaderConfig):
@@ -100,9 +106,10 @@ class ImageClassificationTask:
         self.val_set = None
         self.mixing = None
         self.per_class = False  # train.evaluate: also sum the confusion matrix
+        self.run_files: dict[str, Path] = {}  # copied into the run directory and checkpoints
 
     # --- data ---
-    def _transforms(self, glyphs: bool):
+    def transforms(self, glyphs: bool):
         d = self.config.data
         augment = ("affine" if glyphs else "crop_flip") if d.augment == "auto" else d.augment
         if self.weights is None:
@@ -143,10 +150,24 @@ class ImageClassificationTask:
             raise ConfigError(f"data.source={self.config.data.source!r} holds a single class "
                               f"({', '.join(splits.classes or ['0'])}); a classifier needs at "
                               "least 2")
-        train_tf, eval_tf = self._transforms(splits.glyphs)
+        if self.classes:
+            self.run_files[CLASSES_FILE] = self._classes_file()
+        train_tf, eval_tf = self.transforms(splits.glyphs)
         bad = self.config.data.bad_images
         self.val_set = splits.val.with_transform(eval_tf, bad)
         return splits.train.with_transform(train_tf, bad), self.val_set
+
+    def _classes_file(self) -> Path:
+        """The class names as a JSON file in the cache (named by its content), for the loop
+        to copy into the run: train.predict names its predictions with them."""
+        text = json.dumps(self.classes)
+        path = cache_root() / "classes" / f"{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)  # processes writing the same names at once: one whole file
+        return path
 
     # --- model ---
     def model(self):

@@ -1,14 +1,24 @@
-"""`python -m train.evaluate RUN_DIR [CHECKPOINT] [--ema] [overrides]`: a checkpoint's metrics on
-the run's validation data or other data, the same in one process or several, with an image
-classifier's accuracy per class and confusion matrix; bad input exits 2 and writes nothing."""
+"""The commands after training.
 
+`python -m train.evaluate RUN_DIR [CHECKPOINT] [--ema] [overrides]`: a checkpoint's metrics on
+the run's validation data or other data, the same in one process or several, with an image
+classifier's accuracy per class and confusion matrix; bad input exits 2 and writes nothing.
+
+`python -m train.predict RUN_DIR IMAGE_OR_DIR...`: class names and probabilities per image file,
+as the model gives them for the run's own validation preprocessing; unreadable files are
+reported and skipped."""
+
+import csv
+import io
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT, run_torchrun, train_here
 from train.evaluate import main as evaluate
+from train.predict import main as predict
 
 VISION = ROOT / "configs" / "vision_tiny.yaml"
 
@@ -82,3 +92,57 @@ def test_two_processes_report_what_one_does(vision_run, tmp_path):
     assert two["processes"] == 2 and two["val/count"] == one["val/count"] == 50
     assert two["val/loss"] == pytest.approx(one["val/loss"], rel=1e-6)
     assert two["val/top1"] == one["val/top1"] and two["confusion_matrix"] == one["confusion_matrix"]
+
+
+def _validation_images_as_files(run, folder, count):
+    """The run's first validation images as PNG files, and what the model gives for them
+    through the run's own validation set (the loop's path)."""
+    from train.checkpoint import latest_checkpoint, load_model_weights
+    from train.tasks import build_task, load_config
+
+    task = build_task(load_config(run / "config.yaml", [f"output_dir={run}"]))
+    _, val_set = task.datasets()
+    model = task.model()
+    model.load_state_dict(load_model_weights(latest_checkpoint(run), model))
+    folder.mkdir()
+    for i in range(count):
+        val_set.raw(i)[0].save(folder / f"{i:02d}.png")
+    images = torch.stack([val_set[i][0] for i in range(count)])
+    with torch.no_grad():
+        return model.eval()(images).softmax(dim=1)
+
+
+def test_predict_names_the_classes_the_model_gives_each_image(vision_run, tmp_path, capsys):
+    run, _ = vision_run
+    assert json.loads((run / "classes.json").read_text()) == [str(d) for d in range(10)]
+    expected = _validation_images_as_files(run, tmp_path / "images", 5)
+    assert predict([str(run), str(tmp_path / "images"), "--format", "json", "--top-k", "3",
+                    "--batch-size", "2"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in results] == [str(tmp_path / "images" / f"{i:02d}.png")
+                                            for i in range(5)]
+    for result, probabilities in zip(results, expected):
+        top = probabilities.topk(3)
+        assert [t["class"] for t in result["top"]] == [str(i) for i in top.indices.tolist()]
+        assert [t["probability"] for t in result["top"]] == pytest.approx(top.values.tolist(),
+                                                                          abs=1e-5)
+    assert predict([str(run), str(tmp_path / "images" / "03.png"), "--format", "csv",
+                    "--top-k", "2"]) == 0
+    rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert rows[0] == ["path", "rank", "class", "probability"] and len(rows) == 3
+
+
+def test_predict_skips_unreadable_files_naming_them(vision_run, tmp_path, capsys):
+    run, _ = vision_run
+    _validation_images_as_files(run, tmp_path / "images", 2)
+    (tmp_path / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "images" / "notes.jpg").write_text("not an image")
+    assert predict([str(run), str(tmp_path / "images")]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 2
+    assert "broken.png" in captured.err and "notes.jpg" in captured.err
+    assert "Traceback" not in captured.err
+    assert predict([str(run), str(tmp_path / "images" / "broken.png")]) == 2
+    assert "none of the 1 image files could be read" in capsys.readouterr().err
+    assert predict([str(tmp_path), str(tmp_path / "images")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
