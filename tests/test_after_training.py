@@ -6,11 +6,17 @@ classifier's accuracy per class and confusion matrix; bad input exits 2 and writ
 
 `python -m train.predict RUN_DIR IMAGE_OR_DIR...`: class names and probabilities per image file,
 as the model gives them for the run's own validation preprocessing; unreadable files are
-reported and skipped."""
+reported and skipped.
+
+`python -m train.export RUN_DIR OUT_DIR`: weights, class names and a README whose Python runs
+the model with torchvision alone, giving what train.predict gives."""
 
 import csv
 import io
 import json
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -18,6 +24,7 @@ from PIL import Image
 
 from conftest import ROOT, run_torchrun, train_here
 from train.evaluate import main as evaluate
+from train.export import main as export
 from train.predict import main as predict
 
 VISION = ROOT / "configs" / "vision_tiny.yaml"
@@ -146,3 +153,33 @@ def test_predict_skips_unreadable_files_naming_them(vision_run, tmp_path, capsys
     assert "none of the 1 image files could be read" in capsys.readouterr().err
     assert predict([str(tmp_path), str(tmp_path / "images")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_export_runs_with_torchvision_alone_and_agrees_with_predict(vision_run, tmp_path,
+                                                                    capsys):
+    run, _ = vision_run
+    _validation_images_as_files(run, tmp_path / "images", 1)
+    image, out = tmp_path / "images" / "00.png", tmp_path / "export"
+    assert export([str(run), str(out), "--ema"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "classes.json", "config.yaml",
+                                                     "model.safetensors"]
+    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
+    code = code.replace('print(classify("some_image.jpg"))',
+                        "print(json.dumps(classify(sys.argv[1], 3)))")
+    # With this project unimportable: the README's code needs torchvision alone.
+    code = "import sys\nsys.modules['train'] = None\n" + code
+    proc = subprocess.run([sys.executable, "-c", code, str(image)], cwd=out,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    exported = json.loads(proc.stdout)
+    capsys.readouterr()
+    assert predict([str(run), str(image), "--ema", "--format", "json", "--top-k", "3"]) == 0
+    predicted = json.loads(capsys.readouterr().out)[0]["top"]
+    assert [c for c, _ in exported] == [t["class"] for t in predicted]
+    assert [p for _, p in exported] == pytest.approx([t["probability"] for t in predicted],
+                                                     abs=1e-5)
+    # Never over an existing export: refused, nothing touched.
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    assert export([str(run), str(out)]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
