@@ -29,8 +29,9 @@ ARGS = [f"max_steps={STEPS}", "log_every=1", "eval_every=1000", "checkpoint_ever
         "gradient_accumulation_steps=2"]
 VISION_TINY = ROOT / "configs" / "vision_tiny.yaml"
 # Random augmentation and batch mixing on, and the whole recipe of torchvision's reference
-# (SGD + Nesterov, weight decay per kind, an automatic policy, random erasing, MixUp/CutMix, the
-# weights' moving average): resuming must restore the RNG they draw from and the average.
+# (SGD + Nesterov, weight decay per kind, an automatic policy, random erasing, MixUp/CutMix,
+# repeated augmentation, the weights' moving average): resuming must restore the RNG they draw
+# from and the average.
 VISION_ARGS = [f"max_steps={STEPS}", "log_every=1", "eval_every=1000", "checkpoint_every=1000",
                "wandb.mode=disabled", "progress_bar=false", "device=cpu", "model.name=resnet18",
                "data.image_size=16", "data.batch_size=8", "data.max_train_samples=200",
@@ -38,7 +39,8 @@ VISION_ARGS = [f"max_steps={STEPS}", "log_every=1", "eval_every=1000", "checkpoi
                "optim.lr=0.05", "optim.nesterov=true", "optim.weight_decay=1e-4",
                "optim.bias_weight_decay=1e-4", "data.auto_augment=ta_wide",
                "data.random_erase=0.5", "mixup_alpha=0.2", "cutmix_alpha=1.0", "ema.decay=0.9",
-               "ema.every_steps=2", "ema.warmup_steps=2", "label_smoothing=0.1"]
+               "ema.every_steps=2", "ema.warmup_steps=2", "label_smoothing=0.1",
+               "data.ra_reps=2"]
 FINAL = f"checkpoints/step_{STEPS:08d}/model.safetensors"
 
 

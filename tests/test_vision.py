@@ -315,6 +315,29 @@ def test_recipe_sizes_policies_and_random_erasing(tmp_path):
         ImageClassificationTask(classify_config(tmp_path, data__val_resize_size=20)).datasets()
 
 
+def test_repeated_augmentation_deals_copies_to_different_ranks_and_resumes_exactly():
+    from train.data.loaders import RepeatedAugmentationSampler
+
+    n, r, kw = 96, 3, dict(shuffle=True, seed=7, drop_last=True)
+    data = list(range(n))
+    ranks = [RepeatedAugmentationSampler(data, r, num_replicas=3, rank=k, **kw) for k in range(3)]
+    per_rank = [list(s) for s in ranks]
+    assert [len(x) for x in per_rank] == [n // 3] * 3  # an epoch keeps its length
+    merged = [i for row in zip(*per_rank) for i in row]  # the global order
+    # n / r samples, each r times in a row: one copy on each of the r ranks.
+    groups = [merged[i:i + r] for i in range(0, n, r)]
+    assert all(len(set(g)) == 1 for g in groups) and len({g[0] for g in groups}) == n // r
+    assert all(len({rank[j] for rank in per_rank}) == 1 for j in range(n // 3))
+    for s in ranks:
+        s.set_epoch(1)
+    assert [list(s) for s in ranks] != per_rank  # another epoch, another order
+    # Resumed part-way on 2 processes: the same global order from there on.
+    two = [RepeatedAugmentationSampler(data, r, num_replicas=2, rank=k, **kw) for k in range(2)]
+    for s in two:
+        s.set_epoch(0, skip=30)
+    assert [i for row in zip(*(list(s) for s in two)) for i in row] == merged[30:]
+
+
 def _mixed(task, n=10):
     """One batch of n images of distinct labels through the task's MixUp/CutMix."""
     images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 3, 8, 8).clone()

@@ -220,7 +220,7 @@ def make_loaders(config: RunConfig, accelerator: Accelerator, task: Task, train_
                           "processes; raise data.val_fraction or use fewer processes")
     train_dl = train_loader(train_set, data.batch_size, world, rank, config.seed,
                             data.num_workers, data.pin_memory, task.collate_fn,
-                            task.length_grouping)
+                            task.length_grouping, getattr(task, "sample_repeats", 1))
     val_dl = eval_loader(val_set, data.eval_batch_size, world, rank, data.num_workers,
                          data.pin_memory, task.collate_fn)
     return train_dl, val_dl

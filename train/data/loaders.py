@@ -102,17 +102,38 @@ class LengthGroupedSampler(ResumableDistributedSampler):
         return grouped[lo - first: hi - first]
 
 
+class RepeatedAugmentationSampler(ResumableDistributedSampler):
+    """Repeated augmentation (torchvision's RASampler, for ViT-style recipes): an epoch holds
+    dataset / repeats samples, each `repeats` times at consecutive positions, so its copies go
+    to different ranks (consecutive positions are dealt round-robin) and each is augmented
+    differently. Position p takes the sample at position p // repeats of the epoch's
+    permutation: the order stays a function of seed, epoch and global position, so resuming is
+    exact on any number of processes."""
+
+    def __init__(self, dataset: Dataset, repeats: int, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.repeats = repeats
+
+    def _order(self, lo: int, hi: int) -> np.ndarray:
+        return permute(np.arange(lo, hi) // self.repeats, len(self.dataset), self.seed,
+                       self.epoch)
+
+
 def train_loader(dataset: Dataset, batch_size: int, num_replicas: int, rank: int, seed: int,
                  num_workers: int = 0, pin_memory: bool = False, collate_fn=None,
-                 length_grouping: tuple[list[int], int] | None = None) -> DataLoader:
-    """`length_grouping` = (length of each sample, window) turns on length-grouped batches.
-    An IterableDataset (streaming) is split by rank instead of sampled."""
+                 length_grouping: tuple[list[int], int] | None = None,
+                 repeats: int = 1) -> DataLoader:
+    """`length_grouping` = (length of each sample, window) turns on length-grouped batches;
+    `repeats` > 1 repeated augmentation. An IterableDataset (streaming) is split by rank
+    instead of sampled."""
     if isinstance(dataset, torch.utils.data.IterableDataset):
         return stream_loader(dataset, batch_size, num_replicas, rank, num_workers, pin_memory,
                              collate_fn)
     kwargs = dict(num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
     if length_grouping is not None and length_grouping[1] > 1:
         sampler = LengthGroupedSampler(dataset, *length_grouping, **kwargs)
+    elif repeats > 1:
+        sampler = RepeatedAugmentationSampler(dataset, repeats, **kwargs)
     else:
         sampler = ResumableDistributedSampler(dataset, **kwargs)
     if len(sampler) < batch_size:

@@ -35,6 +35,9 @@ class Task(Protocol):
     # Optional: files the task made for the run ({name: path}, e.g. a trained tokenizer), kept
     # in the run directory and in every checkpoint.
     run_files: dict[str, Any]
+    # Optional: each training sample this many times per epoch, on different ranks (repeated
+    # augmentation); 1 when absent.
+    sample_repeats: int
 
     def __init__(self, config: RunConfig) -> None: ...
 

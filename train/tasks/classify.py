@@ -56,6 +56,9 @@ class VisionDataConfig(LoaderConfig):
     ra_magnitude: int = Field(9, ge=0, le=30)
     augmix_severity: int = Field(3, ge=1, le=10)
     random_erase: float = Field(0.0, ge=0, le=1)
+    # Repeated augmentation (ViT-style recipes): each training sample ra_reps times per epoch,
+    # on different processes, differently augmented; an epoch keeps its length.
+    ra_reps: int = Field(1, ge=1)
     # An image file that cannot be read: skip it with a warning naming it, or stop (exit 2).
     bad_images: Literal["skip", "fail"] = "skip"
 
@@ -107,6 +110,7 @@ class ImageClassificationTask:
         self.mixing = None
         self.per_class = False  # train.evaluate: also sum the confusion matrix
         self.run_files: dict[str, Path] = {}  # copied into the run directory and checkpoints
+        self.sample_repeats = config.data.ra_reps
 
     # --- data ---
     def transforms(self, glyphs: bool):
