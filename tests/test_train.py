@@ -128,12 +128,15 @@ def test_lstm_trains_through_the_same_loop(tmp_path):
 
 
 def test_two_rank_torchrun_shards_data_and_logs_once(tmp_path):
+    """Also a W&B sweep agent's command line under torchrun: --key=value flags (booleans as
+    Python writes them) reach every rank as overrides, and the W&B run records them."""
     src = tmp_path / "text.txt"
     src.write_text("".join(f"{i} bottles of beer on the wall\n" for i in range(421)))
     out = tmp_path / "ddp"
     proc = run_torchrun(2, "train", LM_TINY, f"output_dir={out}", f"data.source={src}",
                         "max_steps=4", "log_every=2", "eval_every=4", "wandb.mode=offline",
-                        "device=cpu", *TINY)
+                        "device=cpu", *TINY, "--optim.lr=0.003", "--optim.warmup_steps=0",
+                        "--model.tie_embeddings=True")
     assert "2 process(es) on cpu" in proc.stderr
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if "loss" in r] == [2, 4]  # one writer, not one per rank
@@ -143,7 +146,12 @@ def test_two_rank_torchrun_shards_data_and_logs_once(tmp_path):
     config = load(LM_TINY, [f"output_dir={out}", f"data.source={src}", *TINY])
     assert len(LanguageModelingTask(config).datasets()[1]) % 2 == 1, "want an odd-sized val set"
     assert rows[-1]["val/tokens"] == _val_targets(config)
-    assert len(read_wandb_run(out)["run_ids"]) == 1
+    recorded = read_wandb_run(out)
+    assert len(recorded["run_ids"]) == 1
+    assert recorded["config"]["optim"]["lr"] == 0.003
+    assert recorded["config"]["model"]["tie_embeddings"] is True
+    # The swept lr is the one the steps used (cosine from 0.003 over 4 steps, no warm-up).
+    assert first["lr"] == pytest.approx(0.003 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 2))))
 
 
 def test_single_process_harness_runs_on_gloo(gloo_world, monkeypatch):
