@@ -67,6 +67,21 @@ def test_a_checkpoint_reports_what_the_run_logged_per_class_and_as_a_confusion_m
     assert ema["val/loss"] == pytest.approx(logged["val_ema/loss"], rel=1e-6)
 
 
+def test_the_report_goes_to_wandb_too_with_the_confusion_matrix(vision_run, tmp_path):
+    from conftest import read_wandb_run
+
+    run, _ = vision_run
+    assert evaluate([str(run), "wandb.mode=offline", "--out", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    recorded = read_wandb_run(run)  # the training run had W&B off: this is the evaluation
+    assert len(recorded["run_ids"]) == 1
+    row = recorded["history"][-1]
+    assert row["val/top1"] == report["val/top1"] and row["val/count"] == 50
+    assert row["confusion_matrix/_type"] == "image-file"
+    assert (row["confusion_matrix/width"], row["confusion_matrix/height"]) == (510, 510)
+    assert row["per_class/_type"] == "table-file" and row["per_class/nrows"] == 10
+
+
 def test_other_data_through_overrides_and_a_chosen_checkpoint(vision_run, tmp_path):
     run, _ = vision_run
     out = tmp_path / "small.json"

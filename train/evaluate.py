@@ -9,6 +9,8 @@ config for this evaluation only, e.g. data.source=/data/other data.eval_batch_si
 metrics, exact whatever the number of processes, are printed as JSON and written to FILE
 (default RUN_DIR/eval/CHECKPOINT[-ema].json); an image classifier adds its accuracy per class
 and its confusion matrix (rows: true class, columns: predicted), also drawn as a PNG beside it.
+Unless wandb.mode is disabled, the report is also logged as a W&B run of its own (job type
+`evaluate`) under RUN_DIR/wandb.
 """
 
 from __future__ import annotations
@@ -36,6 +38,36 @@ def checkpoint_to_evaluate(run_dir: Path, given: Path | None) -> Path:
         raise ConfigError(f"{exc}; pass a complete checkpoint directory, e.g. "
                           f"{run_dir / 'checkpoints' / 'step_00000100'}") from None
     return given
+
+
+def log_to_wandb(config, run_dir: Path, chosen: Path, ema: bool, report: dict) -> None:
+    """The report as a W&B run of its own (job type `evaluate`, next to the training run's,
+    with the run's W&B settings): the metrics, and a classifier's accuracy per class and
+    confusion matrix as a table and an image."""
+    from train.metrics import wandb_mode
+
+    mode = wandb_mode(config.wandb.mode)
+    if mode == "disabled":
+        return
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    name = f"{config.wandb.name or run_dir.name}-eval-{chosen.name}{'-ema' if ema else ''}"
+    run = wandb.init(dir=str(run_dir), mode=mode, project=config.wandb.project,
+                     entity=config.wandb.entity, tags=config.wandb.tags, name=name,
+                     job_type="evaluate", config={"checkpoint": str(chosen), "ema": ema,
+                                                  "data": report["data"]})
+    logged = {k: v for k, v in report.items() if isinstance(v, (int, float)) and "/" in k}
+    if "confusion_matrix" in report:
+        classes = report["classes"]
+        logged["confusion_matrix"] = wandb.Image(report["confusion_png"])
+        logged["per_class"] = wandb.Table(
+            columns=["class", "top1", "count"],
+            data=[[c, report["per_class_top1"][c], sum(row)]
+                  for c, row in zip(classes, report["confusion_matrix"])])
+    run.log(logged)
+    run.finish()
+    print(f"W&B {mode} run {run.id}: the evaluation", file=sys.stderr)
 
 
 def evaluate_run(run_dir: Path, given: Path | None, ema: bool, overrides: list[str],
@@ -87,6 +119,7 @@ def evaluate_run(run_dir: Path, given: Path | None, ema: bool, overrides: list[s
             tmp = out.with_name(out.name + ".tmp")
             tmp.write_text(json.dumps(report, indent=1) + "\n")
             os.replace(tmp, out)  # a report is whole or absent
+            log_to_wandb(config, run_dir, chosen, ema, report)
     except BaseException as exc:
         failure = type(exc)  # the ranks leave together only after a success
         raise
