@@ -193,6 +193,13 @@ def test_export_runs_with_torchvision_alone_and_agrees_with_predict(vision_run, 
     assert [c for c, _ in exported] == [t["class"] for t in predicted]
     assert [p for _, p in exported] == pytest.approx([t["probability"] for t in predicted],
                                                      abs=1e-5)
+    # A language model's run: named as such, nothing written.
+    lm_run = tmp_path / "lm_run"
+    lm_run.mkdir()
+    lm_run.joinpath("config.yaml").write_text((ROOT / "configs" / "lm_tiny.yaml").read_text())
+    assert export([str(lm_run), str(tmp_path / "lm_export")]) == 2
+    assert "train.export is for image classifiers" in capsys.readouterr().err
+    assert not (tmp_path / "lm_export").exists()
     # Never over an existing export: refused, nothing touched.
     before = (out / "model.safetensors").stat().st_mtime_ns
     assert export([str(run), str(out)]) == 2

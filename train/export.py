@@ -80,7 +80,8 @@ def export(run_dir: Path, out_dir: Path, checkpoint_dir: Path | None, ema: bool)
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ConfigError(f"{out_dir} exists and is not an empty directory; choose a new OUT_DIR")
-    model, transform, names, chosen = load_classifier(run_dir, checkpoint_dir, ema)
+    model, transform, names, chosen = load_classifier(run_dir, checkpoint_dir, ema,
+                                                      "train.export")
     config_text = (run_dir / "config.yaml").read_text()
     config = yaml.safe_load(config_text)
     name = config["model"]["name"]

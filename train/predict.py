@@ -42,8 +42,10 @@ def image_paths(inputs: list[Path]) -> list[Path]:
     return paths
 
 
-def load_classifier(run_dir: Path, checkpoint_dir: Path | None, ema: bool):
-    """(model on CPU in eval mode, the validation transform, class names) of a classify run."""
+def load_classifier(run_dir: Path, checkpoint_dir: Path | None, ema: bool,
+                    command: str = "train.predict"):
+    """(model on CPU in eval mode, the validation transform, class names, checkpoint) of a
+    classify run; `command` names the caller in the message for another kind of run."""
     from train import checkpoint
     from train.evaluate import checkpoint_to_evaluate
     from train.tasks import build_task, load_config
@@ -53,7 +55,7 @@ def load_classifier(run_dir: Path, checkpoint_dir: Path | None, ema: bool):
                           "output_dir of a training run")
     config = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", "device=cpu"])
     if config.task != "classify":
-        raise ConfigError(f"{run_dir} trained a {config.task!r} model; train.predict is for "
+        raise ConfigError(f"{run_dir} trained a {config.task!r} model; {command} is for "
                           "image classifiers (sample sequence models with train.generate)")
     chosen = checkpoint_to_evaluate(run_dir, checkpoint_dir)
     task = build_task(config)
