@@ -352,6 +352,22 @@ def load_stream_state(checkpoint: Path, rank: int) -> dict:
                           "the stream position of this process is lost") from None
 
 
+def chosen_checkpoint(run_dir: Path, given: Path | None) -> Path:
+    """`given` after checking it against its manifest, or the run's latest intact checkpoint;
+    ConfigError if there is none."""
+    if given is None:
+        latest = latest_verified(run_dir)
+        if latest is None:
+            raise ConfigError(f"{run_dir} has no complete, intact checkpoint under checkpoints/")
+        return latest
+    try:
+        verify(given)
+    except CorruptCheckpoint as exc:
+        raise ConfigError(f"{exc}; pass a complete checkpoint directory, e.g. "
+                          f"{Path(run_dir) / 'checkpoints' / 'step_00000100'}") from None
+    return given
+
+
 def latest_verified(run_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint that passes `verify` (warning about newer corrupt ones)."""
     for checkpoint in complete_checkpoints(run_dir)[::-1]:

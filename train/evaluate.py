@@ -24,22 +24,6 @@ from pathlib import Path
 from train.errors import ConfigError, exit_status
 
 
-def checkpoint_to_evaluate(run_dir: Path, given: Path | None) -> Path:
-    from train import checkpoint
-
-    if given is None:
-        latest = checkpoint.latest_verified(run_dir)
-        if latest is None:
-            raise ConfigError(f"{run_dir} has no complete, intact checkpoint under checkpoints/")
-        return latest
-    try:
-        checkpoint.verify(given)
-    except checkpoint.CorruptCheckpoint as exc:
-        raise ConfigError(f"{exc}; pass a complete checkpoint directory, e.g. "
-                          f"{run_dir / 'checkpoints' / 'step_00000100'}") from None
-    return given
-
-
 def log_to_wandb(config, run_dir: Path, chosen: Path, ema: bool, report: dict) -> None:
     """The report as a W&B run of its own (job type `evaluate`, next to the training run's,
     with the run's W&B settings): the metrics, and a classifier's accuracy per class and
@@ -77,13 +61,10 @@ def evaluate_run(run_dir: Path, given: Path | None, ema: bool, overrides: list[s
     from train import checkpoint
     from train.data.loaders import eval_loader
     from train.loop import end_training, evaluation_sums, main_process_first, make_accelerator
-    from train.tasks import build_task, load_config
+    from train.tasks import build_task, load_run_config
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the "
-                          "output_dir of a training run")
-    config = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", *overrides])
-    chosen = checkpoint_to_evaluate(run_dir, given)
+    config = load_run_config(run_dir, overrides)
+    chosen = checkpoint.chosen_checkpoint(run_dir, given)
     out = out or run_dir / "eval" / f"{chosen.name}{'-ema' if ema else ''}.json"
     accelerator = make_accelerator(config)
     failure = None

@@ -27,19 +27,13 @@ def load_run(run_dir: Path, ema: bool = False):
     """(task, model on CPU with the latest checkpoint's weights, or their moving average with
     `ema`, checkpoint) of a run directory."""
     from train import checkpoint
-    from train.tasks import build_task, load_config, task_spec
+    from train.tasks import build_task, load_run_config, task_spec
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); "
-                          "pass the output_dir of a training run")
-    # The run directory may have moved since: its files (e.g. the tokenizer) are read here.
-    config = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}"])
+    config = load_run_config(run_dir)  # its files (e.g. the tokenizer) are read from run_dir
     if not task_spec(config.task).generates:
         raise ConfigError(f"{run_dir} trained a {config.task!r} model, which does not generate; "
                           "generation needs a language model or a seq2seq model")
-    latest = checkpoint.latest_verified(run_dir)
-    if latest is None:
-        raise ConfigError(f"{run_dir} has no complete, intact checkpoint under checkpoints/")
+    latest = checkpoint.chosen_checkpoint(run_dir, None)
     task = build_task(config)
     model = task.model()
     weights = (checkpoint.load_ema_weights(latest) if ema else

@@ -47,17 +47,13 @@ def load_classifier(run_dir: Path, checkpoint_dir: Path | None, ema: bool,
     """(model on CPU in eval mode, the validation transform, class names, checkpoint) of a
     classify run; `command` names the caller in the message for another kind of run."""
     from train import checkpoint
-    from train.evaluate import checkpoint_to_evaluate
-    from train.tasks import build_task, load_config
+    from train.tasks import build_task, load_run_config
 
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the "
-                          "output_dir of a training run")
-    config = load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", "device=cpu"])
+    config = load_run_config(run_dir, ["device=cpu"])
     if config.task != "classify":
         raise ConfigError(f"{run_dir} trained a {config.task!r} model; {command} is for "
                           "image classifiers (sample sequence models with train.generate)")
-    chosen = checkpoint_to_evaluate(run_dir, checkpoint_dir)
+    chosen = checkpoint.chosen_checkpoint(run_dir, checkpoint_dir)
     task = build_task(config)
     names_file = run_dir / CLASSES_FILE
     if names_file.is_file():

@@ -141,5 +141,17 @@ def load_config(path, overrides: list[str] = ()) -> RunConfig:
     return validate_config(read(path, overrides))
 
 
+def load_run_config(run_dir, overrides: list[str] = ()) -> RunConfig:
+    """The resolved config of a training run's directory (output_dir set to where it is now,
+    so that its files are read from there), with overrides; ConfigError if it is no run."""
+    from pathlib import Path
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml); pass the "
+                          "output_dir of a training run")
+    return load_config(run_dir / "config.yaml", [f"output_dir={run_dir}", *overrides])
+
+
 def build_task(config: RunConfig) -> Task:
     return task_spec(config.task).task(config)
