@@ -87,6 +87,21 @@ def train_here(config_path, *overrides: str):
     return (read_jsonl(metrics) if metrics.exists() else []), error
 
 
+def run_exported_readme(export_dir: Path, last_line: str, *args: str) -> str:
+    """Run the Python of an export's README.md in a fresh interpreter, in its directory, with
+    this project unimportable, its final `print(...)` line replaced by `last_line`; its stdout."""
+    import re
+
+    code = re.search(r"```python\n(.*?)```", (export_dir / "README.md").read_text(), re.S)[1]
+    lines = code.rstrip().splitlines()
+    assert lines[-1].startswith("print("), lines[-1]
+    code = "\n".join(["import sys", "sys.modules['train'] = None", *lines[:-1], last_line])
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=export_dir,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

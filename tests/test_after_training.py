@@ -14,15 +14,12 @@ the model with torchvision alone, giving what train.predict gives."""
 import csv
 import io
 import json
-import re
-import subprocess
-import sys
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_torchrun, train_here
+from conftest import ROOT, run_exported_readme, run_torchrun, train_here
 from train.evaluate import main as evaluate
 from train.export import main as export
 from train.predict import main as predict
@@ -178,28 +175,24 @@ def test_export_runs_with_torchvision_alone_and_agrees_with_predict(vision_run, 
     assert export([str(run), str(out), "--ema"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "classes.json", "config.yaml",
                                                      "model.safetensors"]
-    code = re.search(r"```python\n(.*?)```", (out / "README.md").read_text(), re.S).group(1)
-    code = code.replace('print(classify("some_image.jpg"))',
-                        "print(json.dumps(classify(sys.argv[1], 3)))")
     # With this project unimportable: the README's code needs torchvision alone.
-    code = "import sys\nsys.modules['train'] = None\n" + code
-    proc = subprocess.run([sys.executable, "-c", code, str(image)], cwd=out,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    exported = json.loads(proc.stdout)
+    exported = json.loads(run_exported_readme(out, "print(json.dumps(classify(sys.argv[1], 3)))",
+                                              str(image)))
     capsys.readouterr()
     assert predict([str(run), str(image), "--ema", "--format", "json", "--top-k", "3"]) == 0
     predicted = json.loads(capsys.readouterr().out)[0]["top"]
     assert [c for c, _ in exported] == [t["class"] for t in predicted]
     assert [p for _, p in exported] == pytest.approx([t["probability"] for t in predicted],
                                                      abs=1e-5)
-    # A language model's run: named as such, nothing written.
-    lm_run = tmp_path / "lm_run"
-    lm_run.mkdir()
-    lm_run.joinpath("config.yaml").write_text((ROOT / "configs" / "lm_tiny.yaml").read_text())
-    assert export([str(lm_run), str(tmp_path / "lm_export")]) == 2
-    assert "train.export is for image classifiers" in capsys.readouterr().err
-    assert not (tmp_path / "lm_export").exists()
+    # A text classifier's run: not exportable, said so, nothing written.
+    text_run = tmp_path / "text_run"
+    text_run.mkdir()
+    text_run.joinpath("config.yaml").write_text(
+        (ROOT / "configs" / "text_classify_tiny.yaml").read_text())
+    assert export([str(text_run), str(tmp_path / "text_export")]) == 2
+    assert "train.export exports image classifiers, language models and seq2seq models" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "text_export").exists()
     # Never over an existing export: refused, nothing touched.
     before = (out / "model.safetensors").stat().st_mtime_ns
     assert export([str(run), str(out)]) == 2

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, train_here
+from conftest import ROOT, run_exported_readme, train_here
 from train.data.corpus import load_tokenizer, prepare
 from train.data.loaders import ResumableDistributedSampler
 from train.data.sources import open_source, python_stdlib_files
@@ -189,13 +189,15 @@ def test_python_stdlib_is_a_real_corpus_with_bytes_that_are_not_utf8(tmp_path):
 
 # --- BPE trained in the run ---
 
-def test_a_bpe_trained_in_the_run_is_kept_reused_and_sampled_from(tmp_path, capsys):
+def test_a_bpe_trained_in_the_run_is_kept_reused_sampled_from_and_exported(tmp_path, capsys):
+    from train.export import main as export
     from train.generate import main as generate
 
     files = _text_files(tmp_path / "d", n=8)
     out = tmp_path / "run"
     args = [*TINY, f"output_dir={out}", f"data.source={files}", "data.tokenizer=bpe:300",
-            "max_steps=4", "log_every=2", "eval_every=4", "checkpoint_every=2"]
+            "max_steps=4", "log_every=2", "eval_every=4", "checkpoint_every=2",
+            "model.tie_embeddings=true", "model.norm=pre"]
     rows, error = train_here(LM_TINY, *args)
     assert error is None
     saved = (out / "tokenizer.json").read_bytes()
@@ -206,8 +208,17 @@ def test_a_bpe_trained_in_the_run_is_kept_reused_and_sampled_from(tmp_path, caps
     assert final["val/bpb"] < final["val/loss"] / np.log(2)
     rows, error = train_here(LM_TINY, *[a.replace("max_steps=4", "max_steps=6") for a in args])
     assert error is None and (out / "tokenizer.json").read_bytes() == saved
-    assert generate([str(out), "--prompt", "the quick", "--max-new-tokens", "5"]) == 0
-    assert capsys.readouterr().out.startswith("the quick")
+    assert generate([str(out), "--prompt", "the quick", "--max-new-tokens", "40",
+                     "--temperature", "0.9", "--top-k", "50", "--seed", "5"]) == 0
+    sampled = capsys.readouterr().out
+    assert sampled.startswith("the quick") and len(sampled) > len("the quick\n")
+
+    # Exported (tokenizer.json beside it), it samples the same text without this project.
+    exported = tmp_path / "export"
+    assert export([str(out), str(exported)]) == 0
+    assert (exported / "tokenizer.json").read_bytes() == saved
+    assert run_exported_readme(
+        exported, 'print("the quick" + generate("the quick", 40, 0.9, 50, 5))') == sampled
 
 
 # --- samplers that scale ---

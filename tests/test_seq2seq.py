@@ -9,7 +9,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import ROOT, read_jsonl, read_wandb_run, run_torchrun, single_process_metrics, train_here
+from conftest import (ROOT, read_jsonl, read_wandb_run, run_exported_readme, run_torchrun,
+                      single_process_metrics, train_here)
+from train.export import main as export
 from train.generate import main as generate
 from train.errors import ConfigError
 from train.tasks import load_config as load
@@ -202,6 +204,22 @@ def test_generate_decodes_source_texts_from_a_seq2seq_run(seq2seq_run, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 3
     assert generate([str(seq2seq_run), "--source", ""]) == 2
     assert "source" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_an_exported_seq2seq_model_decodes_like_generate_without_this_project(
+        seq2seq_run, tmp_path, capsys):
+    exported = tmp_path / "export"
+    assert export([str(seq2seq_run), str(exported)]) == 0
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "README.md", "config.yaml", "model.json", "model.safetensors", "modeling"]  # bytes
+    expected = []
+    capsys.readouterr()
+    for source in ("dcba", "hello world"):
+        assert generate([str(seq2seq_run), "--source", source]) == 0
+        expected.append(capsys.readouterr().out.rstrip("\n").split("\t", 1)[1])
+    printed = run_exported_readme(exported, 'print(generate("dcba")); print(generate("hello world"))')
+    assert printed.splitlines() == expected
 
 
 @pytest.mark.slow

@@ -23,9 +23,9 @@ import torch
 from train.errors import ConfigError, TrainError
 
 
-def load_run(run_dir: Path, ema: bool = False):
-    """(task, model on CPU with the latest checkpoint's weights, or their moving average with
-    `ema`, checkpoint) of a run directory."""
+def load_run(run_dir: Path, ema: bool = False, checkpoint_dir: Path | None = None):
+    """(task, model on CPU with the weights of the latest intact checkpoint or of
+    `checkpoint_dir`, or their moving average with `ema`, checkpoint) of a run directory."""
     from train import checkpoint
     from train.tasks import build_task, load_run_config, task_spec
 
@@ -33,7 +33,7 @@ def load_run(run_dir: Path, ema: bool = False):
     if not task_spec(config.task).generates:
         raise ConfigError(f"{run_dir} trained a {config.task!r} model, which does not generate; "
                           "generation needs a language model or a seq2seq model")
-    latest = checkpoint.chosen_checkpoint(run_dir, None)
+    latest = checkpoint.chosen_checkpoint(run_dir, checkpoint_dir)
     task = build_task(config)
     model = task.model()
     weights = (checkpoint.load_ema_weights(latest) if ema else

@@ -18,11 +18,11 @@ from torch import nn
 
 from fast_transformers.builders import (RecurrentDecoderBuilder, TransformerDecoderBuilder,
                                         TransformerEncoderBuilder)
-from train.models.attention import NAME as CHUNKED
-from train.models.attention_types import ATTENTION_TYPES
-from train.models.generation import pick_tokens
-from train.models.masks import PaddingMask, causal_mask, full_mask, no_padding_mask
-from train.models.sequence import FP32Attention, sinusoidal_positions
+from .attention import NAME as CHUNKED
+from .attention_types import ATTENTION_TYPES
+from .generation import pick_tokens
+from .masks import PaddingMask, causal_mask, full_mask, no_padding_mask
+from .sequence import FP32Attention, sinusoidal_positions
 
 
 def _layer_kwargs(d_model: int, n_heads: int, d_ff: int, dropout: float) -> dict:
@@ -51,8 +51,10 @@ class Seq2SeqTransformer(nn.Module):
                  attention_chunk_size: int = 64):
         super().__init__()
         self.hparams = dict(vocab_size=vocab_size, d_model=d_model,
-                            n_decoder_layers=n_decoder_layers, n_heads=n_heads, d_ff=d_ff,
-                            dropout=dropout, self_attention_type=self_attention_type,
+                            n_encoder_layers=n_encoder_layers, n_decoder_layers=n_decoder_layers,
+                            n_heads=n_heads, d_ff=d_ff, dropout=dropout,
+                            encoder_attention_type=encoder_attention_type,
+                            self_attention_type=self_attention_type,
                             cross_attention_type=cross_attention_type,
                             attention_chunk_size=attention_chunk_size)
         layer = _layer_kwargs(d_model, n_heads, d_ff, dropout)

@@ -17,9 +17,9 @@ from torch import nn
 from fast_transformers import transformers as library_layers
 from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncoderBuilder
 from fast_transformers.recurrent import transformers as library_recurrent_layers
-import train.models.attention  # noqa: F401  (registers chunked-causal-linear)
-from train.models.attention_types import ATTENTION_TYPES
-from train.models.masks import causal_mask, no_padding_mask
+from . import attention  # noqa: F401  (registers chunked-causal-linear)
+from .attention_types import ATTENTION_TYPES
+from .masks import causal_mask, no_padding_mask
 
 
 def sinusoidal_positions(positions: torch.Tensor, dim: int) -> torch.Tensor:
@@ -226,6 +226,8 @@ class LSTMLM(nn.Module):
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 2,
                  dropout: float = 0.0):
         super().__init__()
+        self.hparams = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                            dropout=dropout)
         self.embed = nn.Embedding(vocab_size, d_model)
         self.lstm = nn.LSTM(d_model, d_model, num_layers=n_layers, batch_first=True,
                             dropout=dropout if n_layers > 1 else 0.0)
