@@ -139,3 +139,25 @@ def test_activation_checkpointing_recomputes_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6), name
+
+
+def test_the_sequence_model_code_stands_alone():
+    """train.export ships these modules beside the weights: they may import torch,
+    fast-transformers, the standard library and each other (relatively), nothing else."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import train.models
+
+    allowed = {"torch", "fast_transformers", "__future__", *sys.stdlib_module_names}
+    for name in train.models.SEQUENCE_MODULES:
+        tree = ast.parse((Path(train.models.__file__).parent / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.split(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = [node.module.split(".")[0]]
+            else:
+                continue
+            assert set(roots) <= allowed, f"{name}.py imports {roots}"
