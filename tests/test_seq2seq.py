@@ -218,7 +218,8 @@ def test_an_exported_seq2seq_model_decodes_like_generate_without_this_project(
     for source in ("dcba", "hello world"):
         assert generate([str(seq2seq_run), "--source", source]) == 0
         expected.append(capsys.readouterr().out.rstrip("\n").split("\t", 1)[1])
-    printed = run_exported_readme(exported, 'print(generate("dcba")); print(generate("hello world"))')
+    printed = run_exported_readme(exported,
+                                  'print(generate("dcba")); print(generate("hello world"))')
     assert printed.splitlines() == expected
 
 

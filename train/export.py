@@ -26,7 +26,7 @@ import yaml
 
 from train.errors import ConfigError, exit_status
 
-SNIPPET = '''import json
+CLASSIFIER_SNIPPET = '''import json
 
 import torch
 import torchvision
@@ -56,7 +56,7 @@ def classify(path, k=5):
     return [(classes[i], p) for i, p in zip(top.indices.tolist(), top.values.tolist())]
 '''
 
-README = """# {run_name}: {name} image classifier ({num_classes} classes)
+CLASSIFIER_README = """# {run_name}: {name} image classifier ({num_classes} classes)
 
 Exported from the run `{run_dir}`, checkpoint `{checkpoint}`{ema}.
 Validation metrics of these weights: {metrics}.
@@ -170,6 +170,7 @@ print({example})
 ```
 """
 
+
 def _logged_metrics(run_dir: Path, chosen: Path, ema: bool) -> str:
     """What the run logged about these weights, for the README."""
     step = int(chosen.name.rsplit("_", 1)[-1]) if chosen.name.startswith("step_") else None
@@ -195,12 +196,12 @@ def _classifier_files(run_dir: Path, checkpoint_dir: Path | None, ema: bool) -> 
     resize, crop = transform.prepare_steps
     kwargs = ", aux_logits=False, init_weights=False" if name in ("googlenet",
                                                                    "inception_v3") else ""
-    snippet = SNIPPET.format(name=name, num_classes=len(names), builder_kwargs=kwargs,
-                             resize=resize.size, crop=list(crop.size),
-                             interpolation=resize.interpolation.name,
-                             mean=[round(float(m), 6) for m in transform.mean.flatten()],
-                             std=[round(float(s), 6) for s in transform.std.flatten()])
-    readme = README.format(
+    snippet = CLASSIFIER_SNIPPET.format(
+        name=name, num_classes=len(names), builder_kwargs=kwargs, resize=resize.size,
+        crop=list(crop.size), interpolation=resize.interpolation.name,
+        mean=[round(float(m), 6) for m in transform.mean.flatten()],
+        std=[round(float(s), 6) for s in transform.std.flatten()])
+    readme = CLASSIFIER_README.format(
         run_name=run_dir.name, name=name, num_classes=len(names), run_dir=run_dir,
         checkpoint=chosen.name, ema=" (the moving average of the weights)" if ema else "",
         metrics=_logged_metrics(run_dir, chosen, ema), snippet=snippet.rstrip())
