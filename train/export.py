@@ -141,13 +141,14 @@ def generate(prompt, max_new_tokens=200, temperature=1.0, top_k=0, seed=0):
 '''
 
 SEQ2SEQ_GENERATE = '''
+decoder = model.recurrent()  # the O(1)-per-token decoding twin, built once
+
 
 def generate(source, max_new_tokens={max_target}, temperature=0.0, top_k=0, seed=0):
     """The output for a source text: greedy, or sampled when temperature > 0."""
     ids = encode(source)[:{max_source}]
-    rows = model.recurrent().decode(torch.tensor([ids]), torch.tensor([len(ids)]), BASE + 1,
-                                    BASE + 2, max_new_tokens, temperature, top_k,
-                                    torch.Generator().manual_seed(seed))
+    rows = decoder.decode(torch.tensor([ids]), torch.tensor([len(ids)]), BASE + 1, BASE + 2,
+                          max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
     return decode(rows[0])
 '''
 
