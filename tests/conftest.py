@@ -169,10 +169,11 @@ def read_wandb_run(run_dir: Path) -> dict:
             record = pb.Record()
             record.ParseFromString(pending)
             which = record.WhichOneof("record_type")
+            if which in ("run", "config"):
+                config = record.run.config if which == "run" else record.config
+                out["config"].update({i.key: json.loads(i.value_json) for i in config.update})
             if which == "run":
                 out["run_ids"].append(record.run.run_id)
-            elif which == "config":
-                out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
             elif which == "history":
                 out["history"].append({"/".join(i.nested_key) or i.key: json.loads(i.value_json)
                                        for i in record.history.item})

@@ -303,11 +303,12 @@ def start_trackers(config: RunConfig, accelerator: Accelerator, run_dir: Path,
     if mode == "disabled":
         return
     os.environ.setdefault("WANDB_SILENT", "true")  # our own line below says where it went
+    # The config goes to wandb.init, so it is part of the run's first record. (Accelerate's
+    # `config=` would update the module-global `wandb.config` in a second record afterwards.)
     wandb_kwargs = dict(dir=str(run_dir), mode=mode, id=run_id, resume="allow",
                         name=config.wandb.name or run_dir.name, entity=config.wandb.entity,
-                        tags=config.wandb.tags)
-    accelerator.init_trackers(config.wandb.project, config=to_dict(config),
-                              init_kwargs={"wandb": wandb_kwargs})
+                        tags=config.wandb.tags, config=to_dict(config))
+    accelerator.init_trackers(config.wandb.project, init_kwargs={"wandb": wandb_kwargs})
     if accelerator.is_main_process:
         run = accelerator.get_tracker("wandb", unwrap=True)
         local = Path(run.dir).parent
