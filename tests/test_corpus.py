@@ -4,6 +4,7 @@ that scale to 10^9 blocks, streaming with exact resume, and one clear error for 
 
 import gzip
 import json
+import multiprocessing
 import tracemalloc
 from pathlib import Path
 
@@ -265,9 +266,11 @@ def test_a_stream_resumes_where_it_stopped(tmp_path, monkeypatch, workers):
             "max_steps=12", "log_every=1", "eval_every=12", "checkpoint_every=100", *TINY]
     straight, error = train_here(LM_TINY, f"output_dir={tmp_path / 'straight'}", *args)
     assert error is None
+    # The loader's workers stop with the run, not at some later garbage collection.
+    assert not multiprocessing.active_children()
     monkeypatch.setenv("TRAIN_FAULT_SIGNAL", "5:0:USR1")
     _, error = train_here(LM_TINY, f"output_dir={tmp_path / 'run'}", *args)
-    assert isinstance(error, StoppedBySignal)
+    assert isinstance(error, StoppedBySignal) and not multiprocessing.active_children()
     monkeypatch.delenv("TRAIN_FAULT_SIGNAL")
     resumed, error = train_here(LM_TINY, f"output_dir={tmp_path / 'run'}", *args)
     assert error is None

@@ -147,6 +147,7 @@ def set_up(config: RunConfig, teardown: contextlib.ExitStack) -> Run:
     state, resumed_from, stream_state = resume(config, accelerator, model, scheduler, run_dir,
                                                streaming=not hasattr(train_set, "__len__"))
     batches = TrainBatches(train_dl, state["epoch"], state["samples_in_epoch"], stream_state)
+    teardown.callback(batches.close)
 
     # From here on the run directory is written.
     if accelerator.is_main_process:

@@ -226,3 +226,14 @@ class TrainBatches:
 
     def stream_state(self) -> dict | None:
         return {"loader": self.loader.state_dict()} if self.streaming else None
+
+    def close(self) -> None:
+        """Stop the loader's worker processes now, at the end of the run. Left to the garbage
+        collector, the iterator may be collected after its own queues, its stop message never
+        reaches the workers, and each one costs a 5 s join timeout at some later moment."""
+        self._batches.close()  # ends the generator's loop over the loader
+        iterator = getattr(self.loader, "_iterator", None)  # kept by persistent/stateful loaders
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        if iterator is not None:
+            self.loader._iterator = None
