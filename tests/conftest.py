@@ -43,6 +43,7 @@ def cli_env(**extra: str) -> dict[str, str]:
     env.update({"WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false",
                 "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2")})
     env.pop("WANDB_API_KEY", None)  # tests never talk to a W&B server
+    env.pop("WANDB_SERVICE", None)  # a command starts its own W&B service, as from a shell
     env.update(extra)
     return env
 
@@ -149,8 +150,13 @@ def read_wandb_run(run_dir: Path) -> dict:
     """
     import struct
 
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
+    # run.finish() only tells W&B's service process that a run ended; the service writes and
+    # closes the run's file in its own time. Stopping the service (what a process does when
+    # it exits) waits for that: runs made in this process are then complete on disk too.
+    wandb.teardown()
     out = {"run_ids": [], "config": {}, "history": []}
     for path in sorted(Path(run_dir, "wandb").glob("offline-run-*/run-*.wandb")):
         data, pos, pending, block = path.read_bytes(), 7, b"", 32768
@@ -160,6 +166,7 @@ def read_wandb_run(run_dir: Path) -> dict:
                 pos += block - pos % block
                 continue
             _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            assert pos + 7 + length <= len(data), f"{path} ends inside a record"
             chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
             if kind == 0:
                 break
