@@ -232,8 +232,7 @@ class TrainBatches:
         collector, the iterator may be collected after its own queues, its stop message never
         reaches the workers, and each one costs a 5 s join timeout at some later moment."""
         self._batches.close()  # ends the generator's loop over the loader
-        iterator = getattr(self.loader, "_iterator", None)  # kept by persistent/stateful loaders
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator = self.loader._iterator  # kept by persistent and stateful loaders, else None
+        if hasattr(iterator, "_shutdown_workers"):  # a multi-process iterator
             iterator._shutdown_workers()
-        if iterator is not None:
-            self.loader._iterator = None
+        self.loader._iterator = None
