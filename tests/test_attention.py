@@ -226,7 +226,9 @@ def _lm(attention_type, seed=0, **recipe):
 
 
 RECIPES = {"post-norm": {}, "pre-norm,tied,gpt2-init": dict(norm="pre", tie_embeddings=True,
-                                                             init="gpt2")}
+                                                             init="gpt2"),
+           "post-norm,token-shift": dict(token_shift=True),
+           "pre-norm,token-shift": dict(norm="pre", token_shift=True)}
 
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())

@@ -47,44 +47,78 @@ class FP32Attention(nn.Module):
         return out.to(values.dtype)
 
 
+class TokenShift(nn.Module):
+    """Keys and values read a learned per-channel mix of this position's input and the
+    previous position's (RWKV's token shift, a one-step causal convolution). Linear attention
+    sums the past with no sense of order; this gives each key its local context, which the
+    model otherwise has to learn through the position encodings. The recurrent form keeps the
+    previous input: still O(1) per token."""
+
+    def __init__(self, d_model: int):
+        super().__init__()
+        self.mix = nn.Parameter(torch.full((d_model,), 0.5))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h: (N, L, E) -> (N, L, E); position 0 mixes with zeros."""
+        return torch.lerp(h, nn.functional.pad(h, (0, 0, 1, 0))[:, :-1], self.mix)
+
+    def step(self, h: torch.Tensor, previous: torch.Tensor | None):
+        """h: (N, E) at one position, `previous` the input before it -> (mixed, new previous)."""
+        return torch.lerp(h, torch.zeros_like(h) if previous is None else previous, self.mix), h
+
+
 class _NormFirst:
-    """What the parallel and recurrent layers below share: the `norm_first` switch and the
-    pre-norm feed-forward half of a block."""
+    """What the parallel and recurrent layers below share: the `norm_first` and `token_shift`
+    switches and the feed-forward half of a block in either order."""
 
     def __init__(self, attention, d_model, d_ff, dropout, activation, norm_first: bool):
         super().__init__(attention, d_model, d_ff, dropout, activation)
         self.norm_first = norm_first
+        self.token_shift: TokenShift | None = None
 
-    def _pre_norm_feed_forward(self, x):
-        h = self.dropout(self.activation(self.linear1(self.norm2(x))))
-        return x + self.dropout(self.linear2(h))
+    def _feed_forward(self, x):
+        """x: the residual stream after attention."""
+        if self.norm_first:
+            h = self.dropout(self.activation(self.linear1(self.norm2(x))))
+            return x + self.dropout(self.linear2(h))
+        x = self.norm1(x)  # the library's post-norm order
+        y = self.dropout(self.activation(self.linear1(x)))
+        return self.norm2(x + self.dropout(self.linear2(y)))
 
 
 class TransformerEncoderLayer(_NormFirst, library_layers.TransformerEncoderLayer):
     """The library's encoder layer (same parameters, same names, same class name, so FSDP's
     wrap-by-layer-class configs apply), optionally normalising before each sub-block instead of
     after it (pre-norm, GPT-2's order): the residual stream then passes through unnormalised up
-    to the encoder's final LayerNorm."""
+    to the encoder's final LayerNorm. With `token_shift`, keys and values see TokenShift."""
 
     def forward(self, x, attn_mask=None, length_mask=None):
-        if not self.norm_first:
+        if not self.norm_first and self.token_shift is None:
             return super().forward(x, attn_mask, length_mask)
-        h = self.norm1(x)
-        x = x + self.dropout(self.attention(h, h, h, attn_mask=attn_mask,
+        h = self.norm1(x) if self.norm_first else x
+        kv = h if self.token_shift is None else self.token_shift(h)
+        x = x + self.dropout(self.attention(h, kv, kv, attn_mask=attn_mask,
                                             query_lengths=length_mask, key_lengths=length_mask))
-        return self._pre_norm_feed_forward(x)
+        return self._feed_forward(x)
 
 
 class RecurrentTransformerEncoderLayer(_NormFirst,
                                        library_recurrent_layers.RecurrentTransformerEncoderLayer):
-    """The recurrent twin of TransformerEncoderLayer: one position at a time, same order."""
+    """The recurrent twin of TransformerEncoderLayer: one position at a time, same order. With
+    `token_shift` its state is (attention state, previous input)."""
 
     def forward(self, x, state=None, memory=None):
-        if not self.norm_first:
+        if not self.norm_first and self.token_shift is None:
             return super().forward(x, state, memory)
-        h = self.norm1(x)
-        out, state = self.attention(h, h, h, state)
-        return self._pre_norm_feed_forward(x + self.dropout(out)), state
+        h = self.norm1(x) if self.norm_first else x
+        if self.token_shift is None:
+            out, state = self.attention(h, h, h, state)
+        else:
+            attention_state, previous = state or (None, None)
+            kv, previous = self.token_shift.step(h, previous)
+            out, attention_state = self.attention(h, kv, kv, attention_state)
+            state = (attention_state, previous)
+        return self._feed_forward(x + self.dropout(out)), state
 
 
 def _own_layers(encoder: nn.Module, layer_class: type, hparams: dict) -> nn.Module:
@@ -97,6 +131,8 @@ def _own_layers(encoder: nn.Module, layer_class: type, hparams: dict) -> nn.Modu
             own = layer_class(layer.attention, hparams["d_model"], hparams["d_ff"],
                               hparams["dropout"], "gelu", norm_first=hparams["norm"] == "pre")
         own.load_state_dict(layer.state_dict(), assign=True)
+        if hparams["token_shift"]:  # not the builder's: made here, off the meta device
+            own.token_shift = TokenShift(hparams["d_model"])
         layers.append(own)
     encoder.layers = nn.ModuleList(layers)
     return encoder
@@ -130,18 +166,19 @@ class TransformerLM(nn.Module):
 
     Recipe options: `norm` "pre" (GPT-2 order) or "post" (the library's); `tie_embeddings`
     (the head reuses the embedding matrix, no head bias); `init` "gpt2" or "default" (PyTorch's
-    per-layer defaults)."""
+    per-layer defaults); `token_shift` (TokenShift before keys and values)."""
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
                  d_ff: int = 1024, dropout: float = 0.0,
                  attention_type: str = "chunked-causal-linear", attention_chunk_size: int = 64,
-                 norm: str = "post", tie_embeddings: bool = False, init: str = "default"):
+                 norm: str = "post", tie_embeddings: bool = False, init: str = "default",
+                 token_shift: bool = False):
         super().__init__()
         self.hparams = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
                             n_heads=n_heads, d_ff=d_ff, dropout=dropout,
                             attention_type=attention_type,
                             attention_chunk_size=attention_chunk_size, norm=norm,
-                            tie_embeddings=tie_embeddings, init=init)
+                            tie_embeddings=tie_embeddings, init=init, token_shift=token_shift)
         self.embed = nn.Embedding(vocab_size, d_model)
         self.encoder = _own_layers(TransformerEncoderBuilder.from_kwargs(
             **self._builder_kwargs(), **self._parallel_only_kwargs()).get(),
@@ -267,7 +304,7 @@ def build_sequence_model(cfg, vocab_size: int) -> nn.Module:
         return LSTMLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.dropout)
     model = TransformerLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
                           cfg.dropout, cfg.attention_type, cfg.attention_chunk_size, cfg.norm,
-                          cfg.tie_embeddings, cfg.init)
+                          cfg.tie_embeddings, cfg.init, cfg.token_shift)
     if cfg.activation_checkpointing:
         checkpoint_layers(model.encoder.layers)
     return model

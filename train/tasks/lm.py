@@ -61,6 +61,8 @@ class SequenceModelConfig(EncoderConfig):
     norm: Literal["pre", "post"] = "post"
     tie_embeddings: bool = False
     init: Literal["gpt2", "default"] = "default"
+    # Keys and values mix in the previous position's input (TokenShift).
+    token_shift: bool = False
     # Recompute each layer's activations in the backward instead of keeping them: long
     # contexts fit in memory for about a third more compute.
     activation_checkpointing: bool = False
