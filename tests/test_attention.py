@@ -245,11 +245,12 @@ def test_recurrent_twin_reproduces_the_parallel_model(attention_type, recipe):
     assert (torch.stack(steps, 1) - parallel).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("token_shift", [False, True])
 @pytest.mark.parametrize("attention_type", [NAME, "causal-linear"])
-def test_lm_trains_under_bf16_autocast(attention_type):
+def test_lm_trains_under_bf16_autocast(attention_type, token_shift):
     """Forward + backward of the whole LM under CPU bf16 autocast; the library's fp32-only
     kernel runs through the model's fp32 wrapper. Both stay close to the fp32 loss."""
-    model = _lm(attention_type).train()
+    model = _lm(attention_type, token_shift=token_shift).train()
     ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(9))
 
     def loss_and_grads():
