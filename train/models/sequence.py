@@ -67,7 +67,7 @@ class TokenShift(nn.Module):
         return torch.lerp(h, torch.zeros_like(h) if previous is None else previous, self.mix), h
 
 
-class _NormFirst:
+class _RecipeOptions:
     """What the parallel and recurrent layers below share: the `norm_first` and `token_shift`
     switches and the feed-forward half of a block in either order."""
 
@@ -86,7 +86,7 @@ class _NormFirst:
         return self.norm2(x + self.dropout(self.linear2(y)))
 
 
-class TransformerEncoderLayer(_NormFirst, library_layers.TransformerEncoderLayer):
+class TransformerEncoderLayer(_RecipeOptions, library_layers.TransformerEncoderLayer):
     """The library's encoder layer (same parameters, same names, same class name, so FSDP's
     wrap-by-layer-class configs apply), optionally normalising before each sub-block instead of
     after it (pre-norm, GPT-2's order): the residual stream then passes through unnormalised up
@@ -102,7 +102,7 @@ class TransformerEncoderLayer(_NormFirst, library_layers.TransformerEncoderLayer
         return self._feed_forward(x)
 
 
-class RecurrentTransformerEncoderLayer(_NormFirst,
+class RecurrentTransformerEncoderLayer(_RecipeOptions,
                                        library_recurrent_layers.RecurrentTransformerEncoderLayer):
     """The recurrent twin of TransformerEncoderLayer: one position at a time, same order. With
     `token_shift` its state is (attention state, previous input)."""
