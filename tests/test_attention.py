@@ -19,7 +19,7 @@ from train.models.attention import (
     chunked_causal_linear,
 )
 from train.models.attention_types import ATTENTION_TYPES, CAUSAL, CROSS, ENCODER, check_attention
-from train.models.sequence import TransformerLM
+from train.models.sequence import TokenShift, TransformerLM, build_sequence_model
 
 
 def _inputs(N, L, H, D, M, seed=0, dtype=torch.float32):
@@ -243,6 +243,25 @@ def test_recurrent_twin_reproduces_the_parallel_model(attention_type, recipe):
             logits, state = twin.step(ids[:, t], t, state)
             steps.append(logits)
     assert (torch.stack(steps, 1) - parallel).abs().max().item() <= 1e-5
+
+
+def test_token_shift_comes_from_the_config_and_keys_read_the_previous_position():
+    """lm_tiny.yaml turns it on in every layer; with its mix at 0 the model is exactly the one
+    without it (token shift draws nothing from the random generator), at 0.5 it is not."""
+    from conftest import ROOT
+    from train.tasks import load_config
+
+    cfg = load_config(ROOT / "configs" / "lm_tiny.yaml", ["model.d_model=32", "model.n_heads=4",
+                                                          "model.d_ff=64", "model.n_layers=2"])
+    assert all(isinstance(layer.token_shift, TokenShift)
+               for layer in build_sequence_model(cfg.model, 61).encoder.layers)
+    plain, shifted = _lm(NAME), _lm(NAME, token_shift=True)
+    ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert not torch.allclose(shifted(ids), plain(ids))
+        for layer in shifted.encoder.layers:
+            layer.token_shift.mix.zero_()
+        assert torch.equal(shifted(ids), plain(ids))
 
 
 @pytest.mark.parametrize("token_shift", [False, True])
