@@ -103,6 +103,28 @@ def test_single_position_sequence():
         assert torch.allclose(x, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_feature_map_keeps_its_output_not_the_projection():
+    """elu(x) + 1 with the gradient of elu(x) + 1, but the backward holds only what the
+    attention holds anyway: the queries and keys it was given are not kept."""
+    x = torch.linspace(-6, 6, 97, dtype=torch.float64).requires_grad_()
+    feature_map = attention.elu_feature_map(4)
+    (got,) = torch.autograd.grad(feature_map(x), x, torch.ones_like(x))
+    (expected,) = torch.autograd.grad(F.elu(x) + 1, x, torch.ones_like(x))
+    assert torch.equal(feature_map(x), F.elu(x) + 1)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+
+    q, k, v, grad = _inputs(1, 12, 2, 4, 4)
+    q, k = q.requires_grad_(), k.requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        ChunkedCausalLinearAttention(4)(q, k, v, TriangularCausalMask(12),
+                                        LengthMask(torch.tensor([12])),
+                                        LengthMask(torch.tensor([12])))
+    held = {t.untyped_storage().data_ptr() for t in kept}
+    assert q.untyped_storage().data_ptr() not in held
+    assert k.untyped_storage().data_ptr() not in held
+
+
 def test_kernel_against_float64_definition():
     """The kernel itself (no module) against the quadratic-form definition in float64."""
     N, L, H, D, M = 2, 70, 2, 8, 5
