@@ -11,7 +11,11 @@ the same machine load. Reported:
 
 - context 128: validation bits per byte after N steps, both scored on exactly the validation
   blocks this project evaluates, the time per step and the peak resident memory;
-- context 1024 (batch 4) and 4096 (batch 1): tokens per second and peak memory over a few steps.
+- context 1024 (batch 4) and 4096 (batch 1): tokens per second and peak memory while nanoGPT
+  trains LONG_STEPS steps and this project's arm trains alongside until nanoGPT has finished.
+
+Times are medians of each arm's own per-step times after its first WARMUP_STEPS, so that start-up,
+first allocations and a step that ran while the other arm had already stopped do not count.
 
 It takes about 15 minutes on 2 cores at N = 200 (nanoGPT's softmax attention at 4096 is the
 slowest part).
@@ -20,7 +24,6 @@ slowest part).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import importlib.util
 import io
@@ -37,15 +40,20 @@ from pathlib import Path
 
 import numpy as np
 
+from train.errors import EXIT_STOPPED_BY_SIGNAL
+
 ROOT = Path(__file__).resolve().parents[2]
 DATASET = "train_bench_pydoc_bytes"
 SHAPE = {"n_layer": 4, "n_head": 4, "n_embd": 256}  # nanoGPT's MLP is 4 x n_embd = 1024
 RECIPE = {"lr": 2e-3, "warmup": 50, "min_lr_ratio": 0.1, "weight_decay": 0.1, "beta2": 0.95,
           "clip": 1.0}
 LONG = ((1024, 4), (4096, 1))
-LONG_STEPS = 12
-# Runs a command and writes its peak resident memory (KiB, Linux) to a file.
-PEAK_RSS = ("import resource, subprocess, sys; code = subprocess.run(sys.argv[2:]).returncode; "
+LONG_STEPS = 20
+WARMUP_STEPS = 5
+# Runs a command, passes SIGTERM on to it, and writes its peak resident memory (KiB, Linux)
+# to a file.
+PEAK_RSS = ("import resource, signal, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); "
+            "signal.signal(signal.SIGTERM, lambda *_: p.terminate()); code = p.wait(); "
             "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
             ".ru_maxrss)); sys.exit(code)")
 
@@ -120,41 +128,54 @@ def _our_command(out: Path, block: int, batch: int, steps: int, decay: int) -> l
             f"optim.warmup_steps={r['warmup']}", f"optim.min_lr_ratio={r['min_lr_ratio']}",
             f"optim.weight_decay={r['weight_decay']}", f"optim.beta2={r['beta2']}",
             f"optim.grad_clip={r['clip']}", f"eval_every={steps}", "eval_max_batches=null",
-            f"checkpoint_every={steps}", f"log_every={min(10, steps)}", "wandb.mode=disabled",
-            "progress_bar=false", "lm.sample_tokens=0", "data.eval_batch_size=8"]
+            f"checkpoint_every={steps}", "log_every=1", "wandb.mode=disabled",
+            "progress_bar=false", "lm.sample_tokens=0",
+            # nanoGPT evaluates in its training batch too: both peaks are the training's.
+            f"data.eval_batch_size={batch}"]
 
 
 def _run_pair(nanogpt_dir: Path, out: Path, block: int, batch: int, steps: int,
-              decay: int) -> dict:
-    """Both arms at once, one thread each; their logs, peak memory and exit status."""
+              decay: int, ours_until_nanogpt_ends: bool = False) -> dict:
+    """Both arms at once, one thread each: their step times, peak memory and exit status.
+
+    With ours_until_nanogpt_ends, this project's arm keeps training until nanoGPT's has run
+    its `steps` steps and is then stopped (SIGTERM), so that neither arm runs alone: the faster
+    one would otherwise finish early and leave the other the whole machine.
+    """
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    our_steps = 100 * steps if ours_until_nanogpt_ends else steps
     arms = {"nanogpt": (_nanogpt_command(out / "nanogpt", block, batch, steps, decay),
                         nanogpt_dir),
-            "ours": (_our_command(out / "ours", block, batch, steps, decay), ROOT)}
-
-    def run(name):
-        command, cwd = arms[name]
-        with open(out / f"{name}.log", "w") as log:
-            code = subprocess.run([sys.executable, "-c", PEAK_RSS, str(out / f"{name}.rss"),
-                                   sys.executable, *command], cwd=cwd, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT).returncode
-        if code:
+            "ours": (_our_command(out / "ours", block, batch, our_steps, decay), ROOT)}
+    with contextlib.ExitStack() as stack:
+        procs = {}
+        for name, (command, cwd) in arms.items():
+            log = stack.enter_context(open(out / f"{name}.log", "w"))
+            procs[name] = subprocess.Popen(
+                [sys.executable, "-c", PEAK_RSS, str(out / f"{name}.rss"), sys.executable,
+                 *command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        codes = {"nanogpt": procs["nanogpt"].wait()}
+        if ours_until_nanogpt_ends or codes["nanogpt"]:
+            procs["ours"].terminate()
+        codes["ours"] = procs["ours"].wait()
+    expected = {"nanogpt": 0, "ours": EXIT_STOPPED_BY_SIGNAL if ours_until_nanogpt_ends else 0}
+    for name, code in codes.items():
+        if code != expected[name]:
             raise RuntimeError(f"{name} at context {block} exited {code}; see {out / name}.log")
-        return int((out / f"{name}.rss").read_text()) / 1024
-
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        peaks = dict(zip(arms, pool.map(run, arms)))
-    # Seconds per step after the first 10 (start-up, first allocations), each arm's own log.
+    peaks = {name: int((out / f"{name}.rss").read_text()) / 1024 for name in arms}
     times = [float(t) / 1000 for i, t in re.findall(r"iter (\d+): loss \S+, time ([\d.]+)ms",
                                                    (out / "nanogpt.log").read_text())
-             if 10 < int(i) < steps]  # the last one also evaluates and saves
+             if WARMUP_STEPS < int(i) < steps]  # the last one also evaluates and saves
     rows = [json.loads(line) for line in (out / "ours" / "metrics.jsonl").open()]
-    ours = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > 10]
-    return {"context": block, "batch": batch, "steps": steps,
-            "nanogpt_s_per_step": statistics.mean(times), "ours_s_per_step": statistics.mean(ours),
-            "nanogpt_peak_mib": peaks["nanogpt"], "ours_peak_mib": peaks["ours"],
-            "ours_val_bpb": [r for r in rows if "val/bpb" in r][-1]["val/bpb"]}
+    ours = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > WARMUP_STEPS]
+    row = {"context": block, "batch": batch, "steps": steps, "ours_steps": rows[-1]["step"],
+           "nanogpt_s_per_step": statistics.median(times),
+           "ours_s_per_step": statistics.median(ours),
+           "nanogpt_peak_mib": peaks["nanogpt"], "ours_peak_mib": peaks["ours"]}
+    if not ours_until_nanogpt_ends:
+        row["ours_val_bpb"] = [r for r in rows if "val/bpb" in r][-1]["val/bpb"]
+    return row
 
 
 def bench_nanogpt(nanogpt_dir: Path, out: Path, steps: int) -> dict:
@@ -164,10 +185,8 @@ def bench_nanogpt(nanogpt_dir: Path, out: Path, steps: int) -> dict:
                                              "ckpt.pt", 128, corpus)
     rows = [short]
     for block, batch in LONG:
-        row = _run_pair(nanogpt_dir, out / f"context_{block}", block, batch, LONG_STEPS,
-                        2 * steps)
-        del row["ours_val_bpb"]  # a few steps: only speed and memory mean something
-        rows.append(row)
+        rows.append(_run_pair(nanogpt_dir, out / f"context_{block}", block, batch, LONG_STEPS,
+                              2 * steps, ours_until_nanogpt_ends=True))
     for row in rows:
         tokens = row["context"] * row["batch"]
         row["nanogpt_tokens_per_s"] = tokens / row["nanogpt_s_per_step"]
