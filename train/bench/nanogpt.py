@@ -17,8 +17,8 @@ the same machine load. Reported:
 Times are medians of each arm's own per-step times after its first WARMUP_STEPS, so that start-up,
 first allocations and a step that ran while the other arm had already stopped do not count.
 
-It takes about 15 minutes on 2 cores at N = 200 (nanoGPT's softmax attention at 4096 is the
-slowest part).
+It takes 7 to 15 minutes on 2 cores at N = 200, depending on the machine's matmul rate (the
+200 steps at context 128 are most of it).
 """
 
 from __future__ import annotations
