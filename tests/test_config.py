@@ -144,6 +144,16 @@ def test_every_shipped_config_validates(path):
     assert load_config(path).output_dir
 
 
+def test_evaluation_batches_default_to_the_training_batch():
+    def eval_batch(*overrides):
+        return load(LM_TINY, ["data.batch_size=3", *overrides]).data.eval_batch_size
+
+    assert eval_batch("data.eval_batch_size=null") == 3
+    assert eval_batch("data.eval_batch_size=5") == 5
+    with pytest.raises(ConfigError, match="eval_batch_size"):
+        load(LM_TINY, ["data.eval_batch_size=0"])
+
+
 def test_a_default_head_count_is_checked_against_a_new_width():
     with pytest.raises(ConfigError, match="n_heads=4 must divide d_model=66"):
         load(LM_TINY, ["model.d_model=66"])

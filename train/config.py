@@ -94,9 +94,17 @@ class LoaderConfig(Section):
     """Keys the loop's DataLoaders read; every task's `data` section has them."""
 
     batch_size: int = Field(32, ge=1, description="per process, per micro-step")
-    eval_batch_size: int = Field(64, ge=1)
+    # Not a fixed larger number: at long contexts batch_size is what fits, and evaluating in
+    # batches several times larger would set the run's peak memory at its first evaluation.
+    eval_batch_size: int | None = Field(None, ge=1, validate_default=True,
+                                        description="per process; null: batch_size")
     num_workers: int = Field(0, ge=0)
     pin_memory: bool = False
+
+    @field_validator("eval_batch_size")
+    @classmethod
+    def _eval_batch_defaults_to_batch(cls, value, info):
+        return info.data.get("batch_size") if value is None else value
 
 
 class EncoderConfig(Section):
