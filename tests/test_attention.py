@@ -291,6 +291,23 @@ def test_token_shift_comes_from_the_config_and_keys_read_the_previous_position()
         assert torch.equal(shifted(ids), plain(ids))
 
 
+def test_token_shift_gradients_without_keeping_a_shifted_copy():
+    """Its hand-written backward against finite differences (float64), and what it keeps for
+    the backward: only its input, which the layer keeps anyway, and the mix."""
+    shift = TokenShift(5).double()
+    with torch.no_grad():
+        shift.mix.uniform_(generator=torch.Generator().manual_seed(2))
+    h = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, mix: torch.func.functional_call(shift, {"mix": mix}, (h,)), (h, shift.mix))
+    expected = torch.lerp(h, F.pad(h, (0, 0, 1, 0))[:, :-1], shift.mix)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        got = shift(h)
+    assert torch.equal(got, expected)
+    assert {t.data_ptr() for t in kept} == {h.data_ptr(), shift.mix.data_ptr()}
+
+
 @pytest.mark.parametrize("token_shift", [False, True])
 @pytest.mark.parametrize("attention_type", [NAME, "causal-linear"])
 def test_lm_trains_under_bf16_autocast(attention_type, token_shift):
