@@ -121,3 +121,18 @@ def test_nanogpt_bench_needs_a_checkout_and_writes_its_data_from_our_split(tmp_p
     train = np.fromfile(data / "train.bin", dtype=np.uint16)
     assert len(train) == corpus.train.end - corpus.train.start
     assert pickle.loads((data / "meta.pkl").read_bytes()) == {"vocab_size": 259}
+
+
+def test_nanogpt_equal_time_row_gives_each_arm_the_same_time_and_tokens_per_step():
+    """nanoGPT affords 1024 tokens of context in the time this project trains at 4096: the
+    steps follow the two measured speeds, the batch keeps the tokens per step equal, and each
+    learning rate decays over its own arm's steps."""
+    from train.bench.nanogpt import equal_time_arms
+
+    rows = [{"context": 128}, {"context": 1024, "nanogpt_tokens_per_s": 2000.0},
+            {"context": 4096, "ours_tokens_per_s": 2600.0}]
+    nanogpt, ours = equal_time_arms(rows)
+    assert (nanogpt.block, ours.block) == (1024, 4096)
+    assert nanogpt.block * nanogpt.batch == ours.block * ours.batch
+    assert ours.steps == round(nanogpt.steps * 1.3)
+    assert (nanogpt.decay, ours.decay) == (nanogpt.steps, ours.steps)

@@ -10,12 +10,19 @@ beta2 0.95, clip 1.0, batch 32), and run at the same time, one thread each, so t
 the same machine load. Reported:
 
 - context 128: validation bits per byte after N steps, both scored on exactly the validation
-  blocks this project evaluates, the time per step and the peak resident memory;
+  blocks this project evaluates, the time per step and the peak memory;
 - context 1024 (batch 4) and 4096 (batch 1): tokens per second and peak memory while nanoGPT
   trains LONG_STEPS steps and this project's arm trains alongside until nanoGPT has finished.
 
+Peak memory is given twice: anonymous (what the process allocated: tensors, heap, objects) and
+resident over the process's whole life, which also counts library code read in from disk.
+
 Times are medians of each arm's own per-step times after its first WARMUP_STEPS, so that start-up,
 first allocations and a step that ran while the other arm had already stopped do not count.
+
+With --equal-time, one more pair: nanoGPT at context 1024 (batch 4, EQUAL_TIME_NANOGPT's steps)
+against this project at 4096 (batch 1) for as many steps as the speeds just measured give it in
+the same time, each scored on the validation bytes at its own context.
 
 It takes 7 to 15 minutes on 2 cores at N = 200, depending on the machine's matmul rate (the
 200 steps at context 128 are most of it).
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import json
@@ -36,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,13 +58,10 @@ RECIPE = {"lr": 2e-3, "warmup": 50, "min_lr_ratio": 0.1, "weight_decay": 0.1, "b
           "clip": 1.0}
 LONG = ((1024, 4), (4096, 1))
 LONG_STEPS = 20
+# The equal-time row: nanoGPT at the context it affords at this project's speed at 4096.
+EQUAL_TIME_NANOGPT = (1024, 4, 240)  # context, batch, steps
 WARMUP_STEPS = 5
-# Runs a command, passes SIGTERM on to it, and writes its peak resident memory (KiB, Linux)
-# to a file.
-PEAK_RSS = ("import resource, signal, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); "
-            "signal.signal(signal.SIGTERM, lambda *_: p.terminate()); code = p.wait(); "
-            "open(sys.argv[1], 'w').write(str(resource.getrusage(resource.RUSAGE_CHILDREN)"
-            ".ru_maxrss)); sys.exit(code)")
+SAMPLE_EVERY_S = 0.02  # how often each arm's anonymous memory is read
 
 
 def _corpus():
@@ -107,6 +113,16 @@ def score_nanogpt(nanogpt_dir: Path, checkpoint: Path, block: int, corpus: dict)
     return nats / count * corpus["val_tokens"] / corpus["val_bytes"] / math.log(2)
 
 
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """What one arm trains: `steps` steps of `batch` blocks of `block` tokens, its learning rate
+    decaying over `decay` steps."""
+    block: int
+    batch: int
+    steps: int
+    decay: int
+
+
 def _nanogpt_command(out: Path, block: int, batch: int, steps: int, decay: int) -> list[str]:
     r = RECIPE
     flags = {"dataset": DATASET, "device": "cpu", "compile": False, "dtype": "float32",
@@ -134,64 +150,138 @@ def _our_command(out: Path, block: int, batch: int, steps: int, decay: int) -> l
             f"data.eval_batch_size={batch}"]
 
 
-def _run_pair(nanogpt_dir: Path, out: Path, block: int, batch: int, steps: int,
-              decay: int, ours_until_nanogpt_ends: bool = False) -> dict:
+def _run_pair(nanogpt_dir: Path, out: Path, nanogpt: Arm, ours: Arm,
+              ours_until_nanogpt_ends: bool = False) -> dict:
     """Both arms at once, one thread each: their step times, peak memory and exit status.
 
     With ours_until_nanogpt_ends, this project's arm keeps training until nanoGPT's has run
-    its `steps` steps and is then stopped (SIGTERM), so that neither arm runs alone: the faster
-    one would otherwise finish early and leave the other the whole machine.
+    its steps and is then stopped (SIGTERM), so that neither arm runs alone: the faster one
+    would otherwise finish early and leave the other the whole machine.
     """
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    our_steps = 100 * steps if ours_until_nanogpt_ends else steps
-    arms = {"nanogpt": (_nanogpt_command(out / "nanogpt", block, batch, steps, decay),
+    if ours_until_nanogpt_ends:
+        ours = dataclasses.replace(ours, steps=100 * nanogpt.steps)
+    arms = {"nanogpt": (_nanogpt_command(out / "nanogpt", *dataclasses.astuple(nanogpt)),
                         nanogpt_dir),
-            "ours": (_our_command(out / "ours", block, batch, our_steps, decay), ROOT)}
+            "ours": (_our_command(out / "ours", *dataclasses.astuple(ours)), ROOT)}
     with contextlib.ExitStack() as stack:
         procs = {}
         for name, (command, cwd) in arms.items():
             log = stack.enter_context(open(out / f"{name}.log", "w"))
-            procs[name] = subprocess.Popen(
-                [sys.executable, "-c", PEAK_RSS, str(out / f"{name}.rss"), sys.executable,
-                 *command], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-        codes = {"nanogpt": procs["nanogpt"].wait()}
-        if ours_until_nanogpt_ends or codes["nanogpt"]:
-            procs["ours"].terminate()
-        codes["ours"] = procs["ours"].wait()
+            procs[name] = subprocess.Popen([sys.executable, *command], cwd=cwd, env=env,
+                                           stdout=log, stderr=subprocess.STDOUT)
+        ended = _watch(procs, stop_ours_when_nanogpt_ends=ours_until_nanogpt_ends)
     expected = {"nanogpt": 0, "ours": EXIT_STOPPED_BY_SIGNAL if ours_until_nanogpt_ends else 0}
-    for name, code in codes.items():
+    for name, (code, _, _) in ended.items():
         if code != expected[name]:
+            block = {"nanogpt": nanogpt.block, "ours": ours.block}[name]
             raise RuntimeError(f"{name} at context {block} exited {code}; see {out / name}.log")
-    peaks = {name: int((out / f"{name}.rss").read_text()) / 1024 for name in arms}
-    times = [float(t) / 1000 for i, t in re.findall(r"iter (\d+): loss \S+, time ([\d.]+)ms",
-                                                   (out / "nanogpt.log").read_text())
-             if WARMUP_STEPS < int(i) < steps]  # the last one also evaluates and saves
+    nanogpt_times = [float(t) / 1000 for i, t in re.findall(
+        r"iter (\d+): loss \S+, time ([\d.]+)ms", (out / "nanogpt.log").read_text())
+        if 0 < int(i) < nanogpt.steps]  # the last one also evaluates and saves
     rows = [json.loads(line) for line in (out / "ours" / "metrics.jsonl").open()]
-    ours = [r["step_time_s"] for r in rows if "step_time_s" in r and r["step"] > WARMUP_STEPS]
-    row = {"context": block, "batch": batch, "steps": steps, "ours_steps": rows[-1]["step"],
-           "nanogpt_s_per_step": statistics.median(times),
-           "ours_s_per_step": statistics.median(ours),
-           "nanogpt_peak_mib": peaks["nanogpt"], "ours_peak_mib": peaks["ours"]}
+    our_times = [r["step_time_s"] for r in rows if "step_time_s" in r]
+    row = {"context": nanogpt.block, "batch": nanogpt.batch, "steps": nanogpt.steps,
+           "ours_steps": rows[-1]["step"],
+           "nanogpt_s_per_step": statistics.median(nanogpt_times[WARMUP_STEPS:]),
+           "ours_s_per_step": statistics.median(our_times[WARMUP_STEPS:]),
+           "nanogpt_train_s": sum(nanogpt_times), "ours_train_s": sum(our_times),
+           **{f"{name}_{key}": value for name, (_, peak, anon) in ended.items()
+              for key, value in (("peak_mib", peak), ("peak_anon_mib", anon))}}
     if not ours_until_nanogpt_ends:
         row["ours_val_bpb"] = [r for r in rows if "val/bpb" in r][-1]["val/bpb"]
     return row
 
 
-def bench_nanogpt(nanogpt_dir: Path, out: Path, steps: int) -> dict:
+def _watch(procs: dict[str, subprocess.Popen], stop_ours_when_nanogpt_ends: bool) -> dict:
+    """Wait for both arms; name -> (exit code, peak resident MiB, peak anonymous MiB).
+
+    Resident memory is the kernel's figure for the whole process life (ru_maxrss), which
+    includes the library code that tearing torch down at exit reads in (~100 MiB of file
+    pages for either arm); anonymous memory (tensors, heap, the interpreter's objects) is what
+    training itself allocates, read from /proc every SAMPLE_EVERY_S.
+    """
+    anon = dict.fromkeys(procs, 0.0)
+    ended = {}
+    stopping = False
+    try:
+        while len(ended) < len(procs):
+            for name, proc in procs.items():
+                if name in ended:
+                    continue
+                anon[name] = max(anon[name], _anonymous_mib(proc.pid))
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    proc.returncode = os.waitstatus_to_exitcode(status)
+                    ended[name] = (proc.returncode, usage.ru_maxrss / 1024, anon[name])
+            if "nanogpt" in ended and "ours" not in ended and not stopping and (
+                    stop_ours_when_nanogpt_ends or ended["nanogpt"][0]):
+                procs["ours"].terminate()  # once: it saves a checkpoint, then exits
+                stopping = True
+            time.sleep(SAMPLE_EVERY_S)
+    finally:
+        for proc in procs.values():
+            if proc.returncode is None:
+                proc.kill()
+                proc.wait()
+    return ended
+
+
+def _anonymous_mib(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:  # it has just exited
+        pass
+    return 0.0
+
+
+def bench_nanogpt(nanogpt_dir: Path, out: Path, steps: int, equal_time: bool = False) -> dict:
     corpus = prepare_data(nanogpt_dir)
-    short = _run_pair(nanogpt_dir, out / "context_128", 128, 32, steps, 2 * steps)
+    short_arm = Arm(128, 32, steps, 2 * steps)
+    short = _run_pair(nanogpt_dir, out / "context_128", short_arm, short_arm)
     short["nanogpt_val_bpb"] = score_nanogpt(nanogpt_dir, out / "context_128" / "nanogpt" /
                                              "ckpt.pt", 128, corpus)
     rows = [short]
     for block, batch in LONG:
-        rows.append(_run_pair(nanogpt_dir, out / f"context_{block}", block, batch, LONG_STEPS,
-                              2 * steps, ours_until_nanogpt_ends=True))
+        arm = Arm(block, batch, LONG_STEPS, 2 * steps)
+        rows.append(_run_pair(nanogpt_dir, out / f"context_{block}", arm, arm,
+                              ours_until_nanogpt_ends=True))
     for row in rows:
         tokens = row["context"] * row["batch"]
         row["nanogpt_tokens_per_s"] = tokens / row["nanogpt_s_per_step"]
         row["ours_tokens_per_s"] = tokens / row["ours_s_per_step"]
-    return {"benchmark": "nanogpt", "steps": steps, "rows": rows}
+    results = {"benchmark": "nanogpt", "steps": steps, "rows": rows}
+    if equal_time:
+        results["equal_time"] = _equal_time(nanogpt_dir, out / "equal_time", corpus, rows)
+    return results
+
+
+def equal_time_arms(rows: list[dict]) -> tuple[Arm, Arm]:
+    """nanoGPT at 1024 tokens of context and this project at 4096 for the same time: the same
+    tokens per step, this project's steps scaled by the two speeds measured in `rows`, each
+    arm's learning rate decaying over its own steps."""
+    block, batch, steps = EQUAL_TIME_NANOGPT
+    speed = {row["context"]: row for row in rows}
+    ours_block = LONG[-1][0]
+    ours_steps = round(steps * speed[ours_block]["ours_tokens_per_s"]
+                       / speed[block]["nanogpt_tokens_per_s"])
+    return (Arm(block, batch, steps, steps),
+            Arm(ours_block, block * batch // ours_block, ours_steps, ours_steps))
+
+
+def _equal_time(nanogpt_dir: Path, out: Path, corpus: dict, rows: list[dict]) -> dict:
+    nanogpt, ours = equal_time_arms(rows)
+    row = _run_pair(nanogpt_dir, out, nanogpt, ours)
+    return {"nanogpt_context": nanogpt.block, "nanogpt_batch": nanogpt.batch,
+            "nanogpt_steps": nanogpt.steps, "nanogpt_train_s": row["nanogpt_train_s"],
+            "nanogpt_val_bpb": score_nanogpt(nanogpt_dir, out / "nanogpt" / "ckpt.pt",
+                                             nanogpt.block, corpus),
+            "ours_context": ours.block, "ours_batch": ours.batch, "ours_steps": ours.steps,
+            "ours_train_s": row["ours_train_s"], "ours_val_bpb": row["ours_val_bpb"]}
 
 
 def format_nanogpt(r: dict) -> str:
@@ -208,8 +298,16 @@ def format_nanogpt(r: dict) -> str:
                          f"{row['nanogpt_tokens_per_s']:.0f} | {row['ours_tokens_per_s']:.0f} "
                          f"({row['ours_tokens_per_s'] / row['nanogpt_tokens_per_s']:.2f}x) |")
     for row in r["rows"]:
-        lines.append(f"| {row['context']} | peak resident memory | "
-                     f"{row['nanogpt_peak_mib']:.0f} MiB | {row['ours_peak_mib']:.0f} MiB |")
+        lines.append(f"| {row['context']} | peak memory, anonymous / resident | "
+                     f"{row['nanogpt_peak_anon_mib']:.0f} / {row['nanogpt_peak_mib']:.0f} MiB | "
+                     f"{row['ours_peak_anon_mib']:.0f} / {row['ours_peak_mib']:.0f} MiB |")
+    if "equal_time" in r:
+        e = r["equal_time"]
+        lines.append(f"| equal time | val bits/byte, nanoGPT at {e['nanogpt_context']} (batch "
+                     f"{e['nanogpt_batch']}) vs this project at {e['ours_context']} (batch "
+                     f"{e['ours_batch']}) | {e['nanogpt_val_bpb']:.3f} ({e['nanogpt_steps']} "
+                     f"steps, {e['nanogpt_train_s']:.0f} s) | {e['ours_val_bpb']:.3f} "
+                     f"({e['ours_steps']} steps, {e['ours_train_s']:.0f} s) |")
     return "\n".join(lines)
 
 
@@ -222,6 +320,9 @@ def main(argv: list[str]) -> int:
                         help="where both arms' runs go (default: a temporary directory)")
     parser.add_argument("--steps", type=int, default=200,
                         help="training steps at context 128, of a schedule twice as long")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="also train nanoGPT at context 1024 and this project at 4096 for "
+                             "the same time and compare their scores (8-20 min more)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     if not all((args.nanogpt_dir / name).is_file() for name in ("train.py", "model.py")):
@@ -235,7 +336,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             results = bench_nanogpt(args.nanogpt_dir.resolve(),
-                                    (args.out or Path(tmp)).resolve(), args.steps)
+                                    (args.out or Path(tmp)).resolve(), args.steps,
+                                    args.equal_time)
         except RuntimeError as exc:  # an arm failed: its log says why
             print(f"error: {exc}", file=sys.stderr)
             return 1
