@@ -25,7 +25,7 @@ against this project at 4096 (batch 1) for as many steps as the speeds just meas
 the same time, each scored on the validation bytes at its own context.
 
 It takes 7 to 15 minutes on 2 cores at N = 200, depending on the machine's matmul rate (the
-200 steps at context 128 are most of it).
+200 steps at context 128 are most of it); --equal-time adds 6 to 20.
 """
 
 from __future__ import annotations
