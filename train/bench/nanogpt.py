@@ -187,8 +187,8 @@ def _run_pair(nanogpt_dir: Path, out: Path, nanogpt: Arm, ours: Arm,
            "nanogpt_s_per_step": statistics.median(nanogpt_times[WARMUP_STEPS:]),
            "ours_s_per_step": statistics.median(our_times[WARMUP_STEPS:]),
            "nanogpt_train_s": sum(nanogpt_times), "ours_train_s": sum(our_times),
-           **{f"{name}_{key}": value for name, (_, peak, anon) in ended.items()
-              for key, value in (("peak_mib", peak), ("peak_anon_mib", anon))}}
+           "nanogpt_peak_mib": ended["nanogpt"][1], "ours_peak_mib": ended["ours"][1],
+           "nanogpt_peak_anon_mib": ended["nanogpt"][2], "ours_peak_anon_mib": ended["ours"][2]}
     if not ours_until_nanogpt_ends:
         row["ours_val_bpb"] = [r for r in rows if "val/bpb" in r][-1]["val/bpb"]
     return row
