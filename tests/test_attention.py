@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from fast_transformers.attention.causal_linear_attention import CausalLinearAttention
@@ -291,21 +292,37 @@ def test_token_shift_comes_from_the_config_and_keys_read_the_previous_position()
         assert torch.equal(shifted(ids), plain(ids))
 
 
-def test_token_shift_gradients_without_keeping_a_shifted_copy():
-    """Its hand-written backward against finite differences (float64), and what it keeps for
-    the backward: only its input, which the layer keeps anyway, and the mix."""
-    shift = TokenShift(5).double()
+class _ShiftedProjections(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shift = TokenShift(5)
+        self.keys, self.values = nn.Linear(5, 4), nn.Linear(5, 4, bias=False)
+
+    def forward(self, h):
+        return self.shift.keys_and_values(h, self.keys, self.values)
+
+
+def test_token_shift_keys_and_values_without_keeping_the_mixed_input():
+    """The keys and values of the shifted input, with a hand-written backward checked against
+    finite differences (float64), keeping for the backward only what the layer keeps anyway:
+    its input, the mix and the two weights, not the mixed input (recomputed instead)."""
+    generator = torch.Generator().manual_seed(2)
+    module = _ShiftedProjections().double()
     with torch.no_grad():
-        shift.mix.uniform_(generator=torch.Generator().manual_seed(2))
-    h = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+        module.shift.mix.uniform_(generator=generator)
+    h = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True, generator=generator)
+    names, params = zip(*module.named_parameters())
     assert torch.autograd.gradcheck(
-        lambda h, mix: torch.func.functional_call(shift, {"mix": mix}, (h,)), (h, shift.mix))
-    expected = torch.lerp(h, F.pad(h, (0, 0, 1, 0))[:, :-1], shift.mix)
+        lambda h, *p: torch.func.functional_call(module, dict(zip(names, p)), (h,)),
+        (h, *params))
+    mixed = torch.lerp(h, F.pad(h, (0, 0, 1, 0))[:, :-1], module.shift.mix)
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        got = shift(h)
-    assert torch.equal(got, expected)
-    assert {t.data_ptr() for t in kept} == {h.data_ptr(), shift.mix.data_ptr()}
+        got = module(h)
+    torch.testing.assert_close(got, (module.keys(mixed), module.values(mixed)), rtol=1e-12,
+                               atol=1e-12)
+    assert {t.data_ptr() for t in kept} == {t.data_ptr() for t in (
+        h, module.shift.mix, module.keys.weight, module.values.weight)}
 
 
 @pytest.mark.parametrize("token_shift", [False, True])

@@ -47,29 +47,66 @@ class FP32Attention(nn.Module):
         return out.to(values.dtype)
 
 
-def _previous(h: torch.Tensor) -> torch.Tensor:
-    """h moved one position later along dim 1, zeros first."""
-    return nn.functional.pad(h, (0, 0, 1, 0))[:, :-1]
+def _shift_mix(h: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """lerp(h, h one position earlier (zeros first), mix) along dim 1, with no shifted copy."""
+    out = h * (1 - mix)
+    out[:, 1:].addcmul_(h[:, :-1], mix)
+    return out
 
 
-class _ShiftAndMix(torch.autograd.Function):
-    """lerp(h, previous(h), mix), keeping only h for the backward (which the layer keeps
-    anyway) instead of a shifted copy of it: 4 bytes per channel and position less."""
+def _linear_grads(grad: torch.Tensor, x: torch.Tensor, has_bias: bool):
+    """Weight and bias gradients of a linear layer from its output gradient and input,
+    both flattened to (rows, features)."""
+    return grad.t() @ x, (grad.sum(0, dtype=torch.float32) if has_bias else None)
+
+
+class _ShiftMixProject(torch.autograd.Function):
+    """key_projection(m), value_projection(m) with m = _shift_mix(h, mix), keeping h (which the
+    query projection keeps anyway) for the backward instead of m, and recomputing m there (one
+    elementwise pass): 4 bytes per channel and position less, and no shifted copy of h made.
+    Runs in `dtype` (the autocast dtype, where autocast is on), like the linear layers would."""
 
     @staticmethod
-    def forward(ctx, h, mix):
-        ctx.save_for_backward(h, mix)
-        return torch.lerp(h, _previous(h), mix)
+    def forward(ctx, h, mix, dtype, key_weight, key_bias, value_weight, value_bias):
+        with torch.autocast(h.device.type, enabled=False):
+            mixed = _shift_mix(h, mix).to(dtype)
+            keys, values = (nn.functional.linear(mixed, w.to(dtype), None if b is None
+                                                 else b.to(dtype))
+                            for w, b in ((key_weight, key_bias), (value_weight, value_bias)))
+        ctx.save_for_backward(h, mix, key_weight, value_weight)
+        ctx.dtype, ctx.biases = dtype, (key_bias is not None, value_bias is not None)
+        return keys, values
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        h, mix = ctx.saved_tensors
-        to_previous = grad * mix  # each output reads its own position and the one before
-        grad_h = grad - to_previous
-        grad_h[:, :-1] += to_previous[:, 1:]
-        grad_mix = (grad * (_previous(h) - h)).sum((0, 1), dtype=torch.float32)
-        return grad_h, grad_mix.to(mix.dtype)
+    def backward(ctx, grad_keys, grad_values):
+        h, mix, key_weight, value_weight = ctx.saved_tensors
+        dtype = ctx.dtype
+        with torch.autocast(h.device.type, enabled=False):
+            mixed = _shift_mix(h, mix).to(dtype).flatten(0, -2)
+            grad_keys, grad_values = (g.to(dtype).flatten(0, -2) for g in (grad_keys, grad_values))
+            grad_key_weight, grad_key_bias = _linear_grads(grad_keys, mixed, ctx.biases[0])
+            grad_value_weight, grad_value_bias = _linear_grads(grad_values, mixed, ctx.biases[1])
+            del mixed
+            grad_mixed = (grad_keys @ key_weight.to(dtype)).addmm_(grad_values,
+                                                                   value_weight.to(dtype))
+            g = grad_mixed.view(h.shape).to(torch.promote_types(h.dtype, mix.dtype))
+            # Through the mix, in g itself and one scratch tensor: output j reads h[j] with
+            # weight 1 - mix and h[j - 1] with weight mix.
+            scratch = torch.sub(g[:, 1:], g[:, :-1]).mul_(h[:, :-1])
+            grad_mix = scratch.sum((0, 1), dtype=torch.float32)
+            grad_mix -= (g[:, -1] * h[:, -1]).sum(0, dtype=torch.float32)
+            torch.mul(g[:, 1:], mix, out=scratch)
+            grad_h = g.mul_(1 - mix)
+            grad_h[:, :-1] += scratch
+        return (grad_h.to(h.dtype), grad_mix.to(mix.dtype), None,
+                grad_key_weight.to(key_weight.dtype), _cast(grad_key_bias, key_weight.dtype),
+                grad_value_weight.to(value_weight.dtype),
+                _cast(grad_value_bias, value_weight.dtype))
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 class TokenShift(nn.Module):
@@ -85,11 +122,22 @@ class TokenShift(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: (N, L, E) -> (N, L, E); position 0 mixes with zeros."""
-        return _ShiftAndMix.apply(h, self.mix)
+        return _shift_mix(h, self.mix)
+
+    def keys_and_values(self, h: torch.Tensor, key_projection: nn.Linear,
+                        value_projection: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two projections of forward(h), without keeping forward(h) for the backward."""
+        device = h.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else torch.promote_types(h.dtype, key_projection.weight.dtype))
+        return _ShiftMixProject.apply(h, self.mix, dtype, key_projection.weight,
+                                      key_projection.bias, value_projection.weight,
+                                      value_projection.bias)
 
     def step(self, h: torch.Tensor, previous: torch.Tensor | None):
         """h: (N, E) at one position, `previous` the input before it -> (mixed, new previous)."""
-        return torch.lerp(h, torch.zeros_like(h) if previous is None else previous, self.mix), h
+        mixed = h * (1 - self.mix)
+        return mixed if previous is None else mixed.addcmul_(previous, self.mix), h
 
 
 class _RecipeOptions:
@@ -121,10 +169,22 @@ class TransformerEncoderLayer(_RecipeOptions, library_layers.TransformerEncoderL
         if not self.norm_first and self.token_shift is None:
             return super().forward(x, attn_mask, length_mask)
         h = self.norm1(x) if self.norm_first else x
-        kv = h if self.token_shift is None else self.token_shift(h)
-        x = x + self.dropout(self.attention(h, kv, kv, attn_mask=attn_mask,
-                                            query_lengths=length_mask, key_lengths=length_mask))
-        return self._feed_forward(x)
+        if self.token_shift is None:
+            out = self.attention(h, h, h, attn_mask=attn_mask, query_lengths=length_mask,
+                                 key_lengths=length_mask)
+        else:
+            out = self._shifted_attention(h, attn_mask, length_mask)
+        return self._feed_forward(x + self.dropout(out))
+
+    def _shifted_attention(self, h, attn_mask, length_mask):
+        """The library's AttentionLayer.forward, with keys and values from TokenShift."""
+        a, (n, length, _) = self.attention, h.shape
+        queries = a.query_projection(h).view(n, length, a.n_heads, -1)
+        keys, values = self.token_shift.keys_and_values(h, a.key_projection, a.value_projection)
+        out = a.inner_attention(queries, keys.view(n, length, a.n_heads, -1),
+                                values.view(n, length, a.n_heads, -1), attn_mask, length_mask,
+                                length_mask)
+        return a.out_projection(out.view(n, length, -1))
 
 
 class RecurrentTransformerEncoderLayer(_RecipeOptions,
