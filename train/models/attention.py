@@ -239,16 +239,17 @@ def _forward(q, k, v, chunk_size, eps):
     f32 = torch.float32
     out = _new_output((sl.N, sl.L, sl.H, M), v)
     den_all = torch.empty(sl.N, sl.H, sl.L, dtype=f32, device=v.device)
-    # The cross-chunk state entering each slab, kept for the backward.
-    carries_kv = q.new_empty(len(sl.groups), B, D * M, dtype=f32)
-    carries_z = q.new_empty(len(sl.groups), B, D, dtype=f32)
+    # The cross-chunk state entering each slab after the first (zeros), kept for the backward.
+    carries_kv = q.new_empty(len(sl.groups) - 1, B, D * M, dtype=f32)
+    carries_z = q.new_empty(len(sl.groups) - 1, B, D, dtype=f32)
     carry_kv = q.new_zeros(B, D * M, dtype=f32)
     carry_z = q.new_zeros(B, D, dtype=f32)
     for i, (c0, c1) in enumerate(sl.groups):
         g = c1 - c0
         G = B * g
-        carries_kv[i] = carry_kv
-        carries_z[i] = carry_z
+        if i:
+            carries_kv[i - 1] = carry_kv
+            carries_z[i - 1] = carry_z
         qc, kc, vc = sl.pack("q", q, c0, c1), sl.pack("k", k, c0, c1), sl.pack("v", v, c0, c1)
         # Inside each chunk: causal scores, their row sums (normalizer) and scores @ V.
         scores = torch.bmm(qc, kc.transpose(1, 2), out=sl.ws("scores", (G, C, C), q)).tril_()
@@ -278,6 +279,7 @@ def _backward(q, k, v, out, den_all, carries_kv, carries_z, grad_out, chunk_size
     # Gradients of the states flow right to left: walk the slabs backwards.
     dcarry_kv = q.new_zeros(B, D * M, dtype=f32)
     dcarry_z = q.new_zeros(B, D, dtype=f32)
+    zero_kv, zero_z = q.new_zeros(B, D * M, dtype=f32), q.new_zeros(B, D, dtype=f32)
     for i in reversed(range(len(sl.groups))):
         c0, c1 = sl.groups[i]
         t0, t1 = sl.rows(c0, c1)
@@ -301,10 +303,11 @@ def _backward(q, k, v, out, den_all, carries_kv, carries_z, grad_out, chunk_size
         dkc = torch.bmm(dscores.transpose(1, 2), qc, out=sl.ws("dk", (G, C, D), q)).float()
         # Across chunks: this slab's states again, from the carry saved by the forward ...
         kv = torch.bmm(kc.transpose(1, 2), vc, out=sl.ws("kv", (G, D, M), q)).float()
-        state, _ = _scan(kv.view(B, g, D * M), carries_kv[i],
+        state, _ = _scan(kv.view(B, g, D * M), carries_kv[i - 1] if i else zero_kv,
                          sl.ws("state", (B, g, D * M), q, f32))
         ksum = kc.sum(1, dtype=f32).view(B, g, D)
-        zstate, _ = _scan(ksum, carries_z[i], sl.ws("zstate", (B, g, D), q, f32))
+        zstate, _ = _scan(ksum, carries_z[i - 1] if i else zero_z,
+                          sl.ws("zstate", (B, g, D), q, f32))
         q32, k32, v32 = qc.float(), kc.float(), vc.float()
         dqc.baddbmm_(dnum, state.view(G, D, M).transpose(1, 2))
         dqc.baddbmm_(dden, zstate.view(G, 1, D))
