@@ -50,11 +50,25 @@ def test_attention_json_has_recurrent_steps(quick_report):
     assert growth["linear"] == pytest.approx(rows[-1]["linear_ms"] / rows[0]["linear_ms"])
 
 
+def test_attention_json_has_both_linear_kernels_idle_and_on_shared_cores(quick_report):
+    import os
+
+    row = quick_report["shared_cores"]
+    assert row["L"] == quick_report["settings"]["shared_len"]
+    assert row["busy_processes"] == (quick_report["settings"]["busy_per_core"]
+                                     * len(os.sched_getaffinity(0)))
+    for kernel in ("chunked", "library"):
+        m = row[kernel]
+        assert m["idle_ms"] > 0 and m["shared_ms"] > 0
+        assert m["slowdown"] == pytest.approx(m["shared_ms"] / m["idle_ms"])
+
+
 def test_text_report_lists_every_length(quick_report):
     from train.bench.attention import format_report
 
     text = format_report(quick_report)
     assert "matmul rate" in text and "speedup" in text and "recurrent sampling" in text
+    assert "shared cores" in text
     for row in quick_report["parallel"]:
         assert any(line.strip().startswith(str(row["L"]) + " |") for line in text.splitlines())
 

@@ -13,6 +13,10 @@ Recurrent (sampling) form: time per generated token at several positions, for th
 linear state (RecurrentFP32LinearAttention) against softmax attention over a growing key/value
 cache (fast-transformers' RecurrentFullAttention, registry name "full").
 
+Shared cores (CPU): forward + backward of (a) and (b) at one length, idle and then while
+other processes keep every core busy (two per core, as other jobs, ranks or loader workers
+would), medians of a few runs each: how much each kernel slows when its cores are shared.
+
 Rates are reported against the machine's matmul rate, measured in the same process, so the
 numbers read as ratios rather than absolute timings. FLOP counts (per batch entry and head):
   chunked: 3 * 2 * Lp * (C*D + C*M + 2*D*M)  - its matmuls: scores, scores@V, K^T V, Q S
@@ -25,8 +29,13 @@ numbers read as ratios rather than absolute timings. FLOP counts (per batch entr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -66,11 +75,15 @@ class Settings:
     step_samples: int = 7
     matmul_size: int = 2048
     time_budget_s: float = 1.0  # fast kernels repeat until this much time is spent
+    shared_len: int = 2048  # the shared-cores row: this length,
+    busy_per_core: int = 2  # with this many busy processes per core,
+    shared_repeats: int = 7  # medians of this many runs
 
 
 QUICK = Settings(lengths=(64, 128), batch=1, heads=2, dim=16, chunk_size=32,
                  library_max_len=128, repeats=2, positions=(16, 64, 256), step_samples=3,
-                 matmul_size=512, time_budget_s=0.05)
+                 matmul_size=512, time_budget_s=0.05, shared_len=128, busy_per_core=1,
+                 shared_repeats=3)
 
 
 # ---------------------------------------------------------------------------- measuring
@@ -336,6 +349,54 @@ def _per_call_time(fn, device, samples: int, block_s: float = 0.01) -> float:
     return best
 
 
+def _median_time(fn, device, repeats: int) -> float:
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def _busy_processes(n: int):
+    """n other processes that each spin on a core for as long as the block runs."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        time.sleep(0.2)  # until they run
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
+
+
+def shared_cores_row(s: Settings, device) -> dict | None:
+    """Both linear kernels' forward + backward at s.shared_len, idle and on shared cores (CPU)."""
+    if device.type != "cpu":
+        return None
+    N, H, D, L = s.batch, s.heads, s.dim, s.shared_len
+    q, k, v, grad = _linear_inputs(N, L, H, D, D, device, torch.float32)
+    cases = {"chunked": _LinearCase(ChunkedCausalLinearAttention(
+                 D, IDENTITY_FEATURE_MAP, causal_chunk_size=s.chunk_size), q, k, v, grad),
+             "library": _LinearCase(CausalLinearAttention(D, IDENTITY_FEATURE_MAP),
+                                    q, k, v, grad)}
+    busy = s.busy_per_core * len(os.sched_getaffinity(0))
+    row = {"L": L, "busy_processes": busy}
+    for name, case in cases.items():
+        row[name] = {"idle_ms": 1e3 * _median_time(case, device, s.shared_repeats)}
+    with _busy_processes(busy):
+        for name, case in cases.items():
+            row[name]["shared_ms"] = 1e3 * _median_time(case, device, s.shared_repeats)
+    for name in cases:
+        row[name]["slowdown"] = row[name]["shared_ms"] / row[name]["idle_ms"]
+    return row
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -345,6 +406,7 @@ def run(s: Settings, device: torch.device | None = None) -> dict:
     rate = matmul_rate(device, dtype, s.matmul_size, budget_s=s.time_budget_s)
     rows = [parallel_row(s, L, device, dtype, rate) for L in s.lengths]
     recurrent = recurrent_rows(s, device, dtype)
+    shared = shared_cores_row(s, device)
     first, last = recurrent[0], recurrent[-1]
     return {
         "benchmark": "attention",
@@ -360,6 +422,7 @@ def run(s: Settings, device: torch.device | None = None) -> dict:
             "sdpa": "3*2*L*L*(D+M)/2",
         },
         "parallel": rows,
+        "shared_cores": shared,
         "recurrent": recurrent,
         "recurrent_growth": {
             "positions": [first["position"], last["position"]],
@@ -415,6 +478,16 @@ def format_report(r: dict) -> str:
         "MB: peak tensor memory allocated during one forward+backward "
         "(outputs and gradients included)",
         "",
+    ]
+    shared = r.get("shared_cores")
+    if shared:
+        lines.append(
+            f"shared cores, L={shared['L']}, forward+backward, medians: idle -> with "
+            f"{shared['busy_processes']} busy processes: " + "; ".join(
+                f"{name} {shared[name]['idle_ms']:.1f} -> {shared[name]['shared_ms']:.1f} ms "
+                f"({shared[name]['slowdown']:.1f}x)" for name in ("chunked", "library")))
+        lines.append("")
+    lines += [
         f"recurrent sampling, one attention step per token (N={s['batch']} H={s['heads']} "
         f"D=M={s['dim']}, best of {s['step_samples']} blocks of back-to-back steps):",
         f"{'position':>9} | {'linear ms':>9} | {'full ms':>9}",
