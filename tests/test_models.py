@@ -121,7 +121,8 @@ def test_vision_flops_come_from_torchs_counter():
     assert flops == pytest.approx(3 * 2 * 1.82e9, rel=0.02)
 
 
-def test_activation_checkpointing_recomputes_the_same_gradients():
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_activation_checkpointing_recomputes_the_same_gradients(token_shift):
     """model.activation_checkpointing: the same loss and gradients (layers recomputed in the
     backward), the same parameter names (checkpoints and the recurrent twin unchanged)."""
     from train.tasks.lm import SequenceModelConfig
@@ -130,6 +131,7 @@ def test_activation_checkpointing_recomputes_the_same_gradients():
     for checkpointing in (False, True):
         torch.manual_seed(0)
         cfg = SequenceModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.1,
+                                  token_shift=token_shift,
                                   activation_checkpointing=checkpointing)
         model = build_sequence_model(cfg, 259)
         ids = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(1))
