@@ -60,6 +60,10 @@ def _linear_grads(grad: torch.Tensor, x: torch.Tensor, has_bias: bool):
     return grad.t() @ x, (grad.sum(0, dtype=torch.float32) if has_bias else None)
 
 
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
 class _ShiftMixProject(torch.autograd.Function):
     """key_projection(m), value_projection(m) with m = _shift_mix(h, mix), keeping h (which the
     query projection keeps anyway) for the backward instead of m, and recomputing m there (one
@@ -70,8 +74,7 @@ class _ShiftMixProject(torch.autograd.Function):
     def forward(ctx, h, mix, dtype, key_weight, key_bias, value_weight, value_bias):
         with torch.autocast(h.device.type, enabled=False):
             mixed = _shift_mix(h, mix).to(dtype)
-            keys, values = (nn.functional.linear(mixed, w.to(dtype), None if b is None
-                                                 else b.to(dtype))
+            keys, values = (nn.functional.linear(mixed, w.to(dtype), _cast(b, dtype))
                             for w, b in ((key_weight, key_bias), (value_weight, value_bias)))
         ctx.save_for_backward(h, mix, key_weight, value_weight)
         ctx.dtype, ctx.biases = dtype, (key_bias is not None, value_bias is not None)
@@ -103,10 +106,6 @@ class _ShiftMixProject(torch.autograd.Function):
                 grad_key_weight.to(key_weight.dtype), _cast(grad_key_bias, key_weight.dtype),
                 grad_value_weight.to(value_weight.dtype),
                 _cast(grad_value_bias, value_weight.dtype))
-
-
-def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if t is None else t.to(dtype)
 
 
 class TokenShift(nn.Module):
