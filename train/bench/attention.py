@@ -94,9 +94,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn, device, repeats: int, budget_s: float = 1.0) -> float:
-    """Best wall time of at least `repeats` calls after one warm-up, in seconds; fast calls
-    repeat until `budget_s` is spent (up to 10x `repeats`), so a busy machine's noise fades."""
+def _times(fn, device, repeats: int, budget_s: float = 0.0) -> list[float]:
+    """Wall times in seconds of at least `repeats` calls after one warm-up; fast calls repeat
+    until `budget_s` is spent (up to 10x `repeats`)."""
     fn()
     _sync(device)
     times: list[float] = []
@@ -105,7 +105,12 @@ def _best_time(fn, device, repeats: int, budget_s: float = 1.0) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def _best_time(fn, device, repeats: int, budget_s: float = 1.0) -> float:
+    """The best of _times: fast calls repeat for `budget_s`, so a busy machine's noise fades."""
+    return min(_times(fn, device, repeats, budget_s))
 
 
 class _TensorMemory(TorchDispatchMode):
@@ -349,18 +354,6 @@ def _per_call_time(fn, device, samples: int, block_s: float = 0.01) -> float:
     return best
 
 
-def _median_time(fn, device, repeats: int) -> float:
-    fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @contextlib.contextmanager
 def _busy_processes(n: int):
     """n other processes that each spin on a core for as long as the block runs."""
@@ -387,11 +380,15 @@ def shared_cores_row(s: Settings, device) -> dict | None:
                                     q, k, v, grad)}
     busy = s.busy_per_core * len(os.sched_getaffinity(0))
     row = {"L": L, "busy_processes": busy}
+
+    def median_ms(case) -> float:
+        return 1e3 * statistics.median(_times(case, device, s.shared_repeats))
+
     for name, case in cases.items():
-        row[name] = {"idle_ms": 1e3 * _median_time(case, device, s.shared_repeats)}
+        row[name] = {"idle_ms": median_ms(case)}
     with _busy_processes(busy):
         for name, case in cases.items():
-            row[name]["shared_ms"] = 1e3 * _median_time(case, device, s.shared_repeats)
+            row[name]["shared_ms"] = median_ms(case)
     for name in cases:
         row[name]["slowdown"] = row[name]["shared_ms"] / row[name]["idle_ms"]
     return row
