@@ -121,8 +121,9 @@ def test_vision_flops_come_from_torchs_counter():
     assert flops == pytest.approx(3 * 2 * 1.82e9, rel=0.02)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("token_shift", [False, True])
-def test_activation_checkpointing_recomputes_the_same_gradients(token_shift):
+def test_activation_checkpointing_recomputes_the_same_gradients(token_shift, dropout):
     """model.activation_checkpointing: the same loss and gradients (layers recomputed in the
     backward), the same parameter names (checkpoints and the recurrent twin unchanged)."""
     from train.tasks.lm import SequenceModelConfig
@@ -130,7 +131,7 @@ def test_activation_checkpointing_recomputes_the_same_gradients(token_shift):
     grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        cfg = SequenceModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.1,
+        cfg = SequenceModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=dropout,
                                   token_shift=token_shift,
                                   activation_checkpointing=checkpointing)
         model = build_sequence_model(cfg, 259)
@@ -163,3 +164,47 @@ def test_the_sequence_model_code_stands_alone():
             else:
                 continue
             assert set(roots) <= allowed, f"{name}.py imports {roots}"
+
+
+class _FeedForward(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer._feed_forward(x)
+
+
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_feed_forward_keeps_the_pre_activation_not_the_activation(norm, monkeypatch):
+    """A layer's feed-forward half: the library's linear2(gelu(linear1(.))) in either norm
+    order, with a hand-written backward (checked against finite differences in float64) that
+    keeps one tensor of the feed-forward width for the backward, gelu's input, and recomputes
+    gelu's output there: a quarter of a layer's saved activations. Made in blocks of rows
+    (here 3 of 10, the last one short), as on CPU."""
+    from train.models import sequence
+
+    monkeypatch.setattr(sequence, "FEED_FORWARD_ROWS", 3)
+    layer = TransformerLM(11, d_model=8, n_layers=1, n_heads=2, d_ff=16,
+                          norm=norm).double().encoder.layers[0]
+    feed_forward = _FeedForward(layer)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True,
+                    generator=torch.Generator().manual_seed(3))
+    names, params = zip(*feed_forward.named_parameters())
+    assert torch.autograd.gradcheck(
+        lambda x, *p: torch.func.functional_call(feed_forward, dict(zip(names, p)), (x,)),
+        (x, *params))
+
+    def plain_mlp(h):
+        return layer.linear2(torch.nn.functional.gelu(layer.linear1(h)))
+
+    if norm == "pre":
+        expected = x + plain_mlp(layer.norm2(x))
+    else:
+        expected = layer.norm2(layer.norm1(x) + plain_mlp(layer.norm1(x)))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        got = layer._feed_forward(x)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    weights = {p.data_ptr() for p in layer.parameters()}
+    assert [t.numel() for t in kept if t.data_ptr() not in weights and t.shape[-1] == 16] == [160]
