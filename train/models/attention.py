@@ -124,7 +124,9 @@ def _chunk_groups(B: int, C: int, nc: int, slabbed: bool) -> list[tuple[int, int
         return [(0, nc)]
     # A slab of one chunk needs no prefix sums (its state is the carry it enters with): from
     # half a slab's rows per chunk on, one-chunk slabs ran 1.4-1.7x faster (measured at
-    # context 128), while at a quarter they broke even and below that lost to the loop.
+    # context 128), while at a quarter they broke even and below that lost to the loop. The
+    # cost is memory: each slab boundary keeps its fp32 state for the backward, M/C times the
+    # size of q over the sequence when every chunk is a slab (twice that of two-chunk slabs).
     per = 1 if 2 * B * C >= CPU_SLAB_ROWS else CPU_SLAB_ROWS // (B * C)
     return [(c0, min(nc, c0 + per)) for c0 in range(0, nc, per)]
 
