@@ -49,6 +49,8 @@ NAME = "chunked-causal-linear"
 # efficient and the Python loop short, small enough that a slab's working set stays in cache.
 # (Measured on a 2-core AVX-512 machine: 2048-4096 best, 8192 ~5% slower, 32768 ~40% slower.)
 CPU_SLAB_ROWS = 4096
+# Sequences of at most this many chunks may go one chunk per slab (see _chunk_groups).
+ONE_CHUNK_SLABS = 32
 
 
 class _EluPlusOne(torch.autograd.Function):
@@ -122,12 +124,16 @@ def _chunk_groups(B: int, C: int, nc: int, slabbed: bool) -> list[tuple[int, int
     """Consecutive chunk ranges [c0, c1): one slab is one range, over every (batch, head)."""
     if not slabbed:
         return [(0, nc)]
-    # A slab of one chunk needs no prefix sums (its state is the carry it enters with): from
-    # half a slab's rows per chunk on, one-chunk slabs ran 1.4-1.7x faster (measured at
-    # context 128), while at a quarter they broke even and below that lost to the loop. The
-    # cost is memory: each slab boundary keeps its fp32 state for the backward, M/C times the
-    # size of q over the sequence when every chunk is a slab (twice that of two-chunk slabs).
-    per = 1 if 2 * B * C >= CPU_SLAB_ROWS else CPU_SLAB_ROWS // (B * C)
+    # A slab of one chunk needs no prefix sums (its state is the carry it enters with). With
+    # half a slab's rows per chunk or more, one-chunk slabs ran 1.4-1.7x faster at context 128
+    # (4 chunks) and 1.06-1.16x at 16-32 chunks, but 2.5% slower at 128 chunks (a longer Python
+    # loop); with a quarter they broke even, below that they lost. They also keep a state per
+    # chunk for the backward (M/C times the size of q over the sequence, twice that of
+    # two-chunk slabs), hence at most ONE_CHUNK_SLABS of them.
+    if 2 * B * C >= CPU_SLAB_ROWS and nc <= ONE_CHUNK_SLABS:
+        per = 1
+    else:
+        per = max(1, CPU_SLAB_ROWS // (B * C))
     return [(c0, min(nc, c0 + per)) for c0 in range(0, nc, per)]
 
 
