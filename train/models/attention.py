@@ -50,7 +50,7 @@ NAME = "chunked-causal-linear"
 # (Measured on a 2-core AVX-512 machine: 2048-4096 best, 8192 ~5% slower, 32768 ~40% slower.)
 CPU_SLAB_ROWS = 4096
 # Sequences of at most this many chunks may go one chunk per slab (see _chunk_groups).
-ONE_CHUNK_SLABS = 32
+ONE_CHUNK_SLABS = 64
 
 
 class _EluPlusOne(torch.autograd.Function):
@@ -126,7 +126,7 @@ def _chunk_groups(B: int, C: int, nc: int, slabbed: bool) -> list[tuple[int, int
         return [(0, nc)]
     # A slab of one chunk needs no prefix sums (its state is the carry it enters with). With
     # half a slab's rows per chunk or more, one-chunk slabs ran 1.4-1.7x faster at context 128
-    # (4 chunks) and 1.06-1.16x at 16-32 chunks, but 2.5% slower at 128 chunks (a longer Python
+    # (4 chunks) and 1.06-1.16x at 16-64 chunks, but 2.5% slower at 128 chunks (a longer Python
     # loop); with a quarter they broke even, below that they lost. They also keep a state per
     # chunk for the backward (M/C times the size of q over the sequence, twice that of
     # two-chunk slabs), hence at most ONE_CHUNK_SLABS of them.
