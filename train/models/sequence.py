@@ -65,6 +65,13 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if t is None else t.to(dtype)
 
 
+def _linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Linear would compute x @ weight.T in: autocast's where it is on."""
+    device = x.device.type
+    return (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+            else torch.promote_types(x.dtype, weight.dtype))
+
+
 class _ShiftMixProject(torch.autograd.Function):
     """key_projection(m), value_projection(m) with m = _shift_mix(h, mix), keeping h (which the
     query projection keeps anyway) for the backward instead of m, and recomputing m there (one
@@ -180,12 +187,9 @@ class TokenShift(nn.Module):
     def keys_and_values(self, h: torch.Tensor, key_projection: nn.Linear,
                         value_projection: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
         """The two projections of forward(h), without keeping forward(h) for the backward."""
-        device = h.device.type
-        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                 else torch.promote_types(h.dtype, key_projection.weight.dtype))
-        return _ShiftMixProject.apply(h, self.mix, dtype, key_projection.weight,
-                                      key_projection.bias, value_projection.weight,
-                                      value_projection.bias)
+        return _ShiftMixProject.apply(h, self.mix, _linear_dtype(h, key_projection.weight),
+                                      key_projection.weight, key_projection.bias,
+                                      value_projection.weight, value_projection.bias)
 
     def step(self, h: torch.Tensor, previous: torch.Tensor | None):
         """h: (N, E) at one position, `previous` the input before it -> (mixed, new previous)."""
@@ -214,10 +218,8 @@ class _RecipeOptions:
         u = self.linear1(x)
         if self.activation is not nn.functional.gelu or (self.dropout.p and self.training):
             return self.linear2(self.dropout(self.activation(u)))
-        device = u.device.type
-        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
-                 else torch.promote_types(u.dtype, self.linear2.weight.dtype))
-        return _GeluProject.apply(u, dtype, self.linear2.weight, self.linear2.bias)
+        return _GeluProject.apply(u, _linear_dtype(u, self.linear2.weight), self.linear2.weight,
+                                  self.linear2.bias)
 
 
 class TransformerEncoderLayer(_RecipeOptions, library_layers.TransformerEncoderLayer):
