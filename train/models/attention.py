@@ -268,17 +268,16 @@ def _forward(q, k, v, chunk_size, eps):
         num = torch.bmm(scores, vc, out=sl.ws("num", (G, C, M), q))
         # Across chunks: exclusive prefix sums of K^T V and of K, in fp32. A one-chunk slab's
         # state is its carry (zero in the first slab), and the last slab's sums feed nothing.
+        if g > 1 or i < len(sl.groups) - 1:
+            kv = torch.bmm(kc.transpose(1, 2), vc, out=sl.ws("kv", (G, D, M), q)).float()
+            ksum = kc.sum(1, dtype=f32).view(B, g, D)
         if g == 1:
             state, zstate = carry_kv, carry_z
             if i < len(sl.groups) - 1:
-                kv = torch.bmm(kc.transpose(1, 2), vc, out=sl.ws("kv", (G, D, M), q)).float()
-                carry_kv = carry_kv + kv.view(B, D * M)
-                carry_z = carry_z + kc.sum(1, dtype=f32)
+                carry_kv, carry_z = carry_kv + kv.view(B, D * M), carry_z + ksum.view(B, D)
         else:
-            kv = torch.bmm(kc.transpose(1, 2), vc, out=sl.ws("kv", (G, D, M), q)).float()
             state, carry_kv = _scan(kv.view(B, g, D * M), carry_kv,
                                     sl.ws("state", (B, g, D * M), q, f32))
-            ksum = kc.sum(1, dtype=f32).view(B, g, D)
             zstate, carry_z = _scan(ksum, carry_z, sl.ws("zstate", (B, g, D), q, f32))
         num = num.float()
         if i or g > 1:
