@@ -53,6 +53,9 @@ CPU_SLAB_ROWS = 4096
 ONE_CHUNK_SLABS = 64
 
 
+_LOG2_E = 1.4426950408889634
+
+
 class _EluPlusOne(torch.autograd.Function):
     """elu(x) + 1, the library's default feature map, keeping its output for the backward
     instead of its input.
@@ -68,7 +71,14 @@ class _EluPlusOne(torch.autograd.Function):
         if x.device.type == "cpu":
             # exp(min(x, 0)) + max(x, 0): torch's CPU elu computes expm1 one element at a
             # time, ~8x slower than these vectorized ops (it was ~5% of a context-128 step).
-            out = torch.clamp_max(x, 0).exp_().add_(torch.clamp_min(x, 0))
+            negative = torch.clamp_max(x, 0)
+            if x.dtype in (torch.float32, torch.float64):
+                # exp(y) as exp2(y log2 e): torch's CPU exp2 runs ~3x faster than its exp
+                # (measured). Not in 16-bit types, where rounding y log2 e would cost precision.
+                exp = negative.mul_(_LOG2_E).exp2_()
+            else:
+                exp = negative.exp_()
+            out = exp.add_(torch.clamp_min(x, 0))
         else:
             out = torch.nn.functional.elu(x).add_(1)
         ctx.save_for_backward(out)
