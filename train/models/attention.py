@@ -87,7 +87,7 @@ class _EluPlusOne(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (out,) = ctx.saved_tensors
-        return grad * out.clamp(max=1)
+        return out.clamp(max=1).mul_(grad)  # one temporary, not two
 
 
 elu_feature_map = ActivationFunctionFeatureMap.factory(_EluPlusOne.apply)
