@@ -143,6 +143,57 @@ def test_kernel_against_float64_definition():
     assert _rel_err(got, expected) <= 1e-6
 
 
+def _decayed_recurrence(q, k, v, decay, eps=1e-6):
+    """The definition of a decaying state, one position at a time: S = decay S + k v^T,
+    z = decay z + k, out = q S / (q . z + eps)."""
+    N, L, H, D = q.shape
+    S, z, outs = q.new_zeros(N, H, D, v.shape[-1]), q.new_zeros(N, H, D), []
+    for t in range(L):
+        S = S * decay.view(1, H, 1, 1) + k[:, t].unsqueeze(-1) * v[:, t].unsqueeze(-2)
+        z = z * decay.view(1, H, 1) + k[:, t]
+        outs.append((q[:, t].unsqueeze(-2) @ S).squeeze(-2)
+                    / ((q[:, t] * z).sum(-1, keepdim=True) + eps))
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("path", ["one slab", "one-chunk slabs", "two-chunk slabs",
+                                  "single pass", "single pass in blocks"])
+@pytest.mark.parametrize("L,C", [(37, 4), (40, 8)])
+def test_decayed_state_against_its_recurrence(path, L, C, monkeypatch):
+    """Outputs and gradients of the kernel with a decay rate per head (one of them 1: no
+    decay) against the recurrence that defines it, on every way the kernel walks the sequence."""
+    N, H = 2, 3
+    if path == "one-chunk slabs":
+        monkeypatch.setattr(attention, "CPU_SLAB_ROWS", 1)
+    elif path == "two-chunk slabs":
+        monkeypatch.setattr(attention, "CPU_SLAB_ROWS", 2 * N * H * C + 1)
+    elif path.startswith("single pass"):
+        monkeypatch.setattr(attention, "_use_slabs", lambda t: False)
+        if path.endswith("blocks"):  # 10 chunks: blocks of 3, then blocks of blocks
+            monkeypatch.setattr(attention, "DENSE_SCAN_BLOCK", 3)
+    q, k, v, grad = _inputs(N, L, H, 5, 4, seed=11, dtype=torch.float64)
+    q, k = (F.elu(t) + 1 for t in (q, k))
+    decay = torch.tensor([0.5, 0.9, 1.0])
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    got = chunked_causal_linear(*leaves, chunk_size=C, decay=decay)
+    expected = _decayed_recurrence(*leaves, decay.double())
+    assert _rel_err(got, expected) <= 1e-6
+    for x, ref in zip(torch.autograd.grad(got, leaves, grad),
+                      torch.autograd.grad(expected, leaves, grad)):
+        assert _rel_err(x, ref) <= 1e-6
+    assert _rel_err(chunked_causal_linear(q, k, v, chunk_size=C), expected) > 1e-2
+
+
+def test_multiscale_decay_spans_near_and_far_heads():
+    rates = attention.state_decay_rates("multiscale", 4)
+    half_lives = torch.log(torch.tensor(0.5)) / torch.log(rates)
+    assert half_lives[0] > 2000 and half_lives[-1] < 30
+    assert torch.all(half_lives[:-1] > half_lives[1:])
+    assert attention.state_decay_rates("none", 4) is None
+    with pytest.raises(ValueError, match="unknown state decay"):
+        ChunkedCausalLinearAttention(8, state_decay="weekly")
+
+
 def test_rejects_a_non_causal_mask():
     q, k, v, _ = _inputs(1, 8, 1, 4, 4)
     lengths = LengthMask(torch.tensor([8]))
@@ -176,24 +227,25 @@ def test_bf16_inputs_without_autocast():
     assert _rel_err(got, expected) <= 1.5e-2
 
 
-def _compile_check(backend):
+def _compile_check(backend, decay=None):
     q, k, v, grad = _inputs(2, 40, 2, 8, 8, seed=6)
     q, k = F.elu(q) + 1, F.elu(k) + 1
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    eager = chunked_causal_linear(*leaves, 16)
+    eager = chunked_causal_linear(*leaves, 16, decay=decay)
     eager_grads = torch.autograd.grad(eager, leaves, grad)
     compiled = torch.compile(chunked_causal_linear, backend=backend, fullgraph=True)
-    out = compiled(*leaves, 16)
+    out = compiled(*leaves, 16, decay=decay)
     grads = torch.autograd.grad(out, leaves, grad)
     assert torch.allclose(out, eager, rtol=1e-5, atol=1e-6)
     for x, ref in zip(grads, eager_grads):
         assert torch.allclose(x, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_torch_compile_traces_the_kernel_whole():
+@pytest.mark.parametrize("decay", [None, (0.5, 0.99)])
+def test_torch_compile_traces_the_kernel_whole(decay):
     """Dynamo + AOTAutograd capture forward and backward in one graph (no graph breaks)."""
     torch._dynamo.reset()
-    _compile_check("aot_eager")
+    _compile_check("aot_eager", None if decay is None else torch.tensor(decay))
 
 
 def test_every_attention_spec_matches_the_library_registries():
@@ -222,17 +274,25 @@ def test_attention_roles_are_checked_by_the_table():
         check_attention("fulll", CROSS)
 
 
-def test_registered_under_both_registries_with_the_chunk_size_parameter():
+def test_registered_under_both_registries_with_the_chunk_size_and_decay_parameters():
     encoder = TransformerEncoderBuilder.from_kwargs(
         n_layers=1, n_heads=2, query_dimensions=8, value_dimensions=8,
-        feed_forward_dimensions=16, attention_type=NAME, causal_chunk_size=24).get()
+        feed_forward_dimensions=16, attention_type=NAME, causal_chunk_size=24,
+        state_decay="multiscale").get()
     inner = encoder.layers[0].attention.inner_attention
     assert isinstance(inner, ChunkedCausalLinearAttention) and inner.chunk_size == 24
+    assert inner.decay.kind == "multiscale"
     recurrent = RecurrentEncoderBuilder.from_kwargs(
         n_layers=1, n_heads=2, query_dimensions=8, value_dimensions=8,
         feed_forward_dimensions=16, attention_type=NAME).get()
-    assert isinstance(recurrent.layers[0].attention.inner_attention,
-                      RecurrentFP32LinearAttention)
+    twin = recurrent.layers[0].attention.inner_attention
+    assert isinstance(twin, RecurrentFP32LinearAttention) and twin.decay.kind == "none"
+
+
+def test_the_lm_config_reaches_both_views_of_the_attention():
+    model = _lm(NAME, attention_decay="multiscale")
+    for layers in (model.encoder.layers, model.recurrent().encoder.layers):
+        assert {layer.attention.inner_attention.decay.kind for layer in layers} == {"multiscale"}
 
 
 def test_recurrent_state_has_a_fixed_size():
@@ -256,12 +316,17 @@ def _lm(attention_type, seed=0, **recipe):
 RECIPES = {"post-norm": {}, "pre-norm,tied,gpt2-init": dict(norm="pre", tie_embeddings=True,
                                                              init="gpt2"),
            "post-norm,token-shift": dict(token_shift=True),
-           "pre-norm,token-shift": dict(norm="pre", token_shift=True)}
+           "pre-norm,token-shift": dict(norm="pre", token_shift=True),
+           "post-norm,token-shift,decay": dict(token_shift=True, attention_decay="multiscale")}
 
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
 @pytest.mark.parametrize("attention_type", [NAME, "causal-linear"])
 def test_recurrent_twin_reproduces_the_parallel_model(attention_type, recipe):
+    if attention_type != NAME and "attention_decay" in recipe:
+        with pytest.raises(ValueError, match="attention_decay"):
+            _lm(attention_type, **recipe)
+        return
     model = _lm(attention_type, **recipe)
     ids = torch.randint(0, 61, (3, 29), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
@@ -325,12 +390,14 @@ def test_token_shift_keys_and_values_without_keeping_the_mixed_input():
         h, module.shift.mix, module.keys.weight, module.values.weight)}
 
 
-@pytest.mark.parametrize("token_shift", [False, True])
-@pytest.mark.parametrize("attention_type", [NAME, "causal-linear"])
-def test_lm_trains_under_bf16_autocast(attention_type, token_shift):
+@pytest.mark.parametrize("attention_type,recipe", [
+    (NAME, {}), (NAME, {"token_shift": True}),
+    (NAME, {"token_shift": True, "attention_decay": "multiscale"}),
+    ("causal-linear", {}), ("causal-linear", {"token_shift": True})])
+def test_lm_trains_under_bf16_autocast(attention_type, recipe):
     """Forward + backward of the whole LM under CPU bf16 autocast; the library's fp32-only
     kernel runs through the model's fp32 wrapper. Both stay close to the fp32 loss."""
-    model = _lm(attention_type, token_shift=token_shift).train()
+    model = _lm(attention_type, **recipe).train()
     ids = torch.randint(0, 61, (2, 40), generator=torch.Generator().manual_seed(9))
 
     def loss_and_grads():

@@ -49,6 +49,8 @@ def test_parse_overrides_builds_a_tree():
     (["mixed_precision=fp8"], "mixed_precision='fp8'"),
     (["model.attention_type=softmaxx"], "unknown attention type 'softmaxx'"),
     (["model.n_heads=3"], "must divide d_model"),
+    (["model.attention_decay=multiscale", "model.attention_type=full"],
+     "attention_decay=multiscale needs attention_type=chunked-causal-linear"),
     (["data.val_fraction=1.5"], "data.val_fraction=1.5"),
     (["noequals"], "expected dotted.key=value"),
 ])

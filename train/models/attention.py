@@ -12,7 +12,8 @@ That is O(L*C*D + L*D*M) work in batched matmuls. It runs on CPU and CUDA, under
 (chunk-local matmuls in the autocast dtype, cross-chunk state and normalizer in fp32), with
 autograd (a hand-written backward that recomputes the chunk scores instead of storing them) and
 under torch.compile. The recurrent twin (one token at a time, for sampling) is registered under
-the same name so ``RecurrentEncoderBuilder`` builds it from the same config.
+the same name so ``RecurrentEncoderBuilder`` builds it from the same config. Both take an
+optional per-head decay of the state (``state_decay``, see state_decay_rates).
 
 CPU notes (why the code looks the way it does): the work goes slab by slab, a slab being a run
 of chunks of every (batch, head) pair, so that a slab's working set stays in cache; every
@@ -35,6 +36,7 @@ import fast_transformers.builders  # noqa: F401  (imports every attention, filli
 from fast_transformers.attention_registry import (
     AttentionRegistry,
     Callable,
+    Choice,
     EventDispatcherInstance,
     Int,
     Optional,
@@ -42,6 +44,7 @@ from fast_transformers.attention_registry import (
 )
 from fast_transformers.feature_maps import ActivationFunctionFeatureMap
 from fast_transformers.recurrent._utils import check_state
+from .attention_types import STATE_DECAYS
 
 NAME = "chunked-causal-linear"
 
@@ -147,14 +150,18 @@ def _chunk_groups(B: int, C: int, nc: int, slabbed: bool) -> list[tuple[int, int
     return [(c0, min(nc, c0 + per)) for c0 in range(0, nc, per)]
 
 
-def _scan(x: torch.Tensor, carry: torch.Tensor, out: torch.Tensor,
-          reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan(x: torch.Tensor, carry: torch.Tensor, out: torch.Tensor, reverse: bool = False,
+          factor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exclusive prefix sums along dim 1 of x (B, g, F), starting from carry (B, F).
 
     out[:, j] = carry + sum of x[:, j'] for j' < j (j' > j when reverse). Returns those sums
     (in `out` on the CPU slab path) and the carry for the next slab, carry + sum over all j.
+    With `factor` (B,), the running sum is multiplied by it at every step (a decaying state):
+    out[:, j] = factor * out[:, j - 1] + x[:, j - 1] (j + 1 when reverse).
     """
     g = x.shape[1]
+    if not _use_slabs(x) and factor is not None:
+        return _decayed_scan_dense(x, carry, factor, reverse)
     if not _use_slabs(x):
         # One group covers everything here; cumsum is one fast kernel on GPU / under compile.
         xs = x.flip(1) if reverse else x
@@ -164,14 +171,50 @@ def _scan(x: torch.Tensor, carry: torch.Tensor, out: torch.Tensor,
         return excl, prefix[:, -1] + carry
     # On CPU cumsum over a middle dimension is a slow scalar loop; g in-place adds are not.
     order = range(g - 1, -1, -1) if reverse else range(g)
+    f = None if factor is None else factor.unsqueeze(1)
     prev = None
     for j in order:
         if prev is None:
             out[:, j].copy_(carry)
-        else:
+        elif f is None:
             torch.add(out[:, prev], x[:, prev], out=out[:, j])
+        else:
+            torch.addcmul(x[:, prev], out[:, prev], f, out=out[:, j])
         prev = j
-    return out, out[:, prev] + x[:, prev]
+    if f is None:
+        return out, out[:, prev] + x[:, prev]
+    return out, torch.addcmul(x[:, prev], out[:, prev], f)
+
+
+# Steps of a decayed scan off the CPU slab path done as one matmul; longer scans go block by
+# block, so that their cost stays linear in the number of chunks.
+DENSE_SCAN_BLOCK = 16
+
+
+def _decayed_scan_dense(x, carry, factor, reverse):
+    """_scan with a factor in whole-tensor ops (GPU, torch.compile). Within a block of
+    DENSE_SCAN_BLOCK steps, step j' reaches step j with weight factor^(j - j' - 1): one
+    matmul; the states entering the blocks are the same scan over the blocks' own sums."""
+    if reverse:  # the forward scan of the sequence read backwards
+        out, last = _decayed_scan_dense(x.flip(1), carry, factor, False)
+        return out.flip(1), last
+    B, g, _ = x.shape
+    b = min(g, DENSE_SCAN_BLOCK)
+    nb = -(-g // b)
+    blocks = nn.functional.pad(x, (0, 0, 0, nb * b - g)).view(B, nb, b, -1)
+    j = torch.arange(b, device=x.device)
+    steps = j.view(-1, 1) - j.view(1, -1) - 1
+    base = factor.view(B, 1, 1)
+    within = torch.where(steps >= 0, base ** steps.clamp(min=0), 0.0)  # (B, b, b)
+    inner = torch.matmul(within.unsqueeze(1), blocks)  # from each block's start
+    if nb == 1:
+        starts = carry.unsqueeze(1)
+    else:  # each block's sum decayed to its end, scanned across blocks
+        sums = torch.matmul((base ** (b - 1 - j)).unsqueeze(1), blocks).squeeze(2)
+        starts, _ = _decayed_scan_dense(sums, carry, factor ** b, False)
+    out = inner.add_((base.view(B, 1, 1) ** j).view(B, 1, b, 1) * starts.unsqueeze(2))
+    out = out.view(B, nb * b, -1)[:, :g].contiguous()  # callers view it per chunk
+    return out, out[:, g - 1] * factor.unsqueeze(1) + x[:, g - 1]
 
 
 class _ChunkedCausalLinear(torch.autograd.Function):
@@ -183,19 +226,19 @@ class _ChunkedCausalLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, chunk_size: int, eps: float):
+    def forward(ctx, q, k, v, chunk_size: int, eps: float, decay: torch.Tensor | None):
         with torch.autocast(q.device.type, enabled=False):
-            out, den, carries_kv, carries_z = _forward(q, k, v, chunk_size, eps)
+            out, den, carries_kv, carries_z = _forward(q, k, v, chunk_size, eps, decay)
         ctx.save_for_backward(q, k, v, out, den, carries_kv, carries_z)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.decay = chunk_size, decay
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False):
-            grads = _backward(*ctx.saved_tensors, grad_out, ctx.chunk_size)
-        return (*grads, None, None)
+            grads = _backward(*ctx.saved_tensors, grad_out, ctx.chunk_size, ctx.decay)
+        return (*grads, None, None, None)
 
 
 class _Slabs:
@@ -203,9 +246,15 @@ class _Slabs:
 
     A slab is chunks [c0, c1) of every (batch, head) pair, packed as (B * g, C, E) with
     B = N * H, g = c1 - c0, zero-padded to whole chunks.
+
+    With a decay rate gamma per head (a key's weight shrinks by gamma for every position it
+    falls behind), a chunk's scores are weighted by gamma^(i - j) instead of only masked, keys
+    enter the state weighted by their decay to the chunk's end, queries read it weighted by
+    theirs from the chunk's start, and the state decays by gamma^C from chunk to chunk.
     """
 
-    def __init__(self, q: torch.Tensor, v: torch.Tensor, chunk_size: int):
+    def __init__(self, q: torch.Tensor, v: torch.Tensor, chunk_size: int,
+                 decay: torch.Tensor | None = None):
         self.N, self.L, self.H, self.D = q.shape
         self.M = v.shape[-1]
         self.B = self.N * self.H
@@ -213,6 +262,39 @@ class _Slabs:
         self.nc = -(-self.L // self.C)
         self.groups = _chunk_groups(self.B, self.C, self.nc, _use_slabs(q))
         self.buffers: dict[str, torch.Tensor] = {}
+        self.chunk_decay = None  # (B,): gamma^C of each pair's head
+        if decay is not None:
+            rate = decay.to(q.device, torch.float32).view(self.H, 1, 1)
+            i = torch.arange(self.C, device=q.device)
+            behind = (i.view(-1, 1) - i.view(1, -1)).clamp(min=0)
+            self.score_weights = (rate ** behind).tril_()  # (H, C, C)
+            self.from_start = rate ** (i + 1).view(-1, 1)  # (H, C, 1)
+            self.to_end = rate ** (self.C - 1 - i).view(-1, 1)  # (H, C, 1)
+            self.chunk_decay = (rate.view(self.H) ** self.C).repeat(self.N)
+
+    def _per_head_(self, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """t (B * g, C, E) times weights (H, C, E or 1), in place, per (batch, head, chunk)."""
+        t.view(self.N, self.H, -1, *t.shape[1:]).mul_(weights.unsqueeze(1))
+        return t
+
+    def causal_(self, scores: torch.Tensor) -> torch.Tensor:
+        """Chunk scores (B * g, C, C) masked to the causal part, and decayed, in place."""
+        return scores.tril_() if self.chunk_decay is None else self._per_head_(
+            scores, self.score_weights)
+
+    def to_chunk_end_(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows (B * g, C, E) by key position, decayed to their chunk's end, in place."""
+        return t if self.chunk_decay is None else self._per_head_(t, self.to_end)
+
+    def from_chunk_start_(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows (B * g, C, E) by query position, decayed from their chunk's start, in place."""
+        return t if self.chunk_decay is None else self._per_head_(t, self.from_start)
+
+    def next_state(self, state: torch.Tensor, added: torch.Tensor) -> torch.Tensor:
+        """The state (B, F) one chunk later, with that chunk's (B, F) contribution."""
+        if self.chunk_decay is None:
+            return state + added
+        return torch.addcmul(added, state, self.chunk_decay.unsqueeze(1))
 
     def ws(self, name, shape, like, dtype=None):
         """A workspace of this shape, in memory reused from the previous slab."""
@@ -254,8 +336,8 @@ class _Slabs:
         dst[:, t0:t1].copy_(grid.permute(0, 2, 1, 3))
 
 
-def _forward(q, k, v, chunk_size, eps):
-    sl = _Slabs(q, v, chunk_size)
+def _forward(q, k, v, chunk_size, eps, decay):
+    sl = _Slabs(q, v, chunk_size, decay)
     B, C, D, M = sl.B, sl.C, sl.D, sl.M
     f32 = torch.float32
     out = _new_output((sl.N, sl.L, sl.H, M), v)
@@ -273,25 +355,28 @@ def _forward(q, k, v, chunk_size, eps):
             carries_z[i - 1] = carry_z
         qc, kc, vc = sl.pack("q", q, c0, c1), sl.pack("k", k, c0, c1), sl.pack("v", v, c0, c1)
         # Inside each chunk: causal scores, their row sums (normalizer) and scores @ V.
-        scores = torch.bmm(qc, kc.transpose(1, 2), out=sl.ws("scores", (G, C, C), q)).tril_()
+        scores = sl.causal_(torch.bmm(qc, kc.transpose(1, 2), out=sl.ws("scores", (G, C, C), q)))
         den = torch.sum(scores, -1, dtype=f32, out=sl.ws("den", (G, C), q, f32))
         num = torch.bmm(scores, vc, out=sl.ws("num", (G, C, M), q))
         # Across chunks: exclusive prefix sums of K^T V and of K, in fp32. A one-chunk slab's
         # state is its carry (zero in the first slab), and the last slab's sums feed nothing.
         if g > 1 or i < len(sl.groups) - 1:
+            kc = sl.to_chunk_end_(kc)  # the raw keys are not needed any more
             kv = torch.bmm(kc.transpose(1, 2), vc, out=sl.ws("kv", (G, D, M), q)).float()
             ksum = kc.sum(1, dtype=f32).view(B, g, D)
         if g == 1:
             state, zstate = carry_kv, carry_z
             if i < len(sl.groups) - 1:
-                carry_kv, carry_z = carry_kv + kv.view(B, D * M), carry_z + ksum.view(B, D)
+                carry_kv = sl.next_state(carry_kv, kv.view(B, D * M))
+                carry_z = sl.next_state(carry_z, ksum.view(B, D))
         else:
             state, carry_kv = _scan(kv.view(B, g, D * M), carry_kv,
-                                    sl.ws("state", (B, g, D * M), q, f32))
-            zstate, carry_z = _scan(ksum, carry_z, sl.ws("zstate", (B, g, D), q, f32))
+                                    sl.ws("state", (B, g, D * M), q, f32), factor=sl.chunk_decay)
+            zstate, carry_z = _scan(ksum, carry_z, sl.ws("zstate", (B, g, D), q, f32),
+                                    factor=sl.chunk_decay)
         num = num.float()
         if i or g > 1:
-            q32 = qc.float()
+            q32 = sl.from_chunk_start_(qc.float())
             num.baddbmm_(q32, state.view(G, D, M))
             den.unsqueeze(-1).baddbmm_(q32, zstate.view(G, D, 1))
         den.add_(eps)
@@ -301,8 +386,8 @@ def _forward(q, k, v, chunk_size, eps):
     return out, den_all, carries_kv, carries_z
 
 
-def _backward(q, k, v, out, den_all, carries_kv, carries_z, grad_out, chunk_size):
-    sl = _Slabs(q, v, chunk_size)
+def _backward(q, k, v, out, den_all, carries_kv, carries_z, grad_out, chunk_size, decay):
+    sl = _Slabs(q, v, chunk_size, decay)
     B, C, D, M = sl.B, sl.C, sl.D, sl.M
     f32 = torch.float32
     dq, dk, dv = (_new_output(t.shape, t) for t in (q, k, v))
@@ -326,44 +411,51 @@ def _backward(q, k, v, out, den_all, carries_kv, carries_z, grad_out, chunk_size
         dnum_c = dnum.to(q.dtype)
         # Inside each chunk: gradient of the causal scores (normalizer included).
         dscores = torch.bmm(dnum_c, vc.transpose(1, 2), out=sl.ws("dscores", (G, C, C), q))
-        dscores.add_(dden.to(q.dtype)).tril_()
-        scores = torch.bmm(qc, kc.transpose(1, 2), out=sl.ws("scores", (G, C, C), q)).tril_()
+        sl.causal_(dscores.add_(dden.to(q.dtype)))
+        scores = sl.causal_(torch.bmm(qc, kc.transpose(1, 2), out=sl.ws("scores", (G, C, C), q)))
         dvc = torch.bmm(scores.transpose(1, 2), dnum_c, out=sl.ws("dv", (G, C, M), q)).float()
         dqc = torch.bmm(dscores, kc, out=sl.ws("dq", (G, C, D), q)).float()
         dkc = torch.bmm(dscores.transpose(1, 2), qc, out=sl.ws("dk", (G, C, D), q)).float()
+        # From here on queries and keys only meet the states: decayed like them, in place.
+        qc, kc = sl.from_chunk_start_(qc), sl.to_chunk_end_(kc)
         q32, k32, v32 = qc.float(), kc.float(), vc.float()
         last = i == len(sl.groups) - 1
         if g == 1:
             # One chunk: its state is the carry saved by the forward (zero in the first slab)
             # and its state's gradient the carry from the right (zero in the last slab).
             if i:
-                dqc.baddbmm_(dnum, carries_kv[i - 1].view(G, D, M).transpose(1, 2))
-                dqc.baddbmm_(dden, carries_z[i - 1].view(G, 1, D))
+                _add_query_grad(sl, dqc, dnum, dden, carries_kv[i - 1].view(G, D, M),
+                                carries_z[i - 1].view(G, 1, D))
             dstate, dzstate = dcarry_kv, dcarry_z
             if i:
-                dcarry_kv = dcarry_kv + torch.bmm(q32.transpose(1, 2), dnum).view(B, D * M)
-                dcarry_z = dcarry_z + torch.bmm(dden.transpose(1, 2), q32).view(B, D)
+                dcarry_kv = sl.next_state(dcarry_kv,
+                                          torch.bmm(q32.transpose(1, 2), dnum).view(B, D * M))
+                dcarry_z = sl.next_state(dcarry_z, torch.bmm(dden.transpose(1, 2), q32).view(B, D))
         else:
             # Across chunks: this slab's states again, from the carry saved by the forward ...
             kv = torch.bmm(kc.transpose(1, 2), vc, out=sl.ws("kv", (G, D, M), q)).float()
             state, _ = _scan(kv.view(B, g, D * M), carries_kv[i - 1] if i else zero_kv,
-                             sl.ws("state", (B, g, D * M), q, f32))
+                             sl.ws("state", (B, g, D * M), q, f32), factor=sl.chunk_decay)
             ksum = kc.sum(1, dtype=f32).view(B, g, D)
             zstate, _ = _scan(ksum, carries_z[i - 1] if i else zero_z,
-                              sl.ws("zstate", (B, g, D), q, f32))
-            dqc.baddbmm_(dnum, state.view(G, D, M).transpose(1, 2))
-            dqc.baddbmm_(dden, zstate.view(G, 1, D))
+                              sl.ws("zstate", (B, g, D), q, f32), factor=sl.chunk_decay)
+            _add_query_grad(sl, dqc, dnum, dden, state.view(G, D, M), zstate.view(G, 1, D))
             # ... and the gradients of the states: reverse prefix sums of Q^T dnum and Q^T dden.
             qt_dnum = torch.bmm(q32.transpose(1, 2), dnum, out=sl.ws("qtg", (G, D, M), q, f32))
             dstate, dcarry_kv = _scan(qt_dnum.view(B, g, D * M), dcarry_kv,
-                                      sl.ws("dstate", (B, g, D * M), q, f32), reverse=True)
+                                      sl.ws("dstate", (B, g, D * M), q, f32), reverse=True,
+                                      factor=sl.chunk_decay)
             qt_dden = torch.bmm(dden.transpose(1, 2), q32).view(B, g, D)
             dzstate, dcarry_z = _scan(qt_dden, dcarry_z, sl.ws("dzstate", (B, g, D), q, f32),
-                                      reverse=True)
+                                      reverse=True, factor=sl.chunk_decay)
         if g > 1 or not last:
             dstate = dstate.view(G, D, M)
-            dkc.baddbmm_(v32, dstate.transpose(1, 2))
-            dkc.add_(dzstate.view(G, 1, D))
+            if sl.chunk_decay is None:
+                dkc.baddbmm_(v32, dstate.transpose(1, 2))
+                dkc.add_(dzstate.view(G, 1, D))
+            else:
+                term = torch.bmm(v32, dstate.transpose(1, 2)).add_(dzstate.view(G, 1, D))
+                dkc.add_(sl.to_chunk_end_(term))
             dvc.baddbmm_(k32, dstate)
         sl.unpack(dq, dqc.to(dq.dtype), c0, c1)
         sl.unpack(dk, dkc.to(dk.dtype), c0, c1)
@@ -371,13 +463,27 @@ def _backward(q, k, v, out, den_all, carries_kv, carries_z, grad_out, chunk_size
     return dq, dk, dv
 
 
+def _add_query_grad(sl, dqc, dnum, dden, state, zstate):
+    """dqc += dnum state^T + dden zstate^T (the queries' gradient through the state), with the
+    queries' decay from their chunk's start where the state decays."""
+    if sl.chunk_decay is None:
+        dqc.baddbmm_(dnum, state.transpose(1, 2))
+        dqc.baddbmm_(dden, zstate)
+        return
+    term = torch.bmm(dnum, state.transpose(1, 2)).baddbmm_(dden, zstate)
+    dqc.add_(sl.from_chunk_start_(term))
+
+
 def chunked_causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          chunk_size: int = 64, eps: float = 1e-6) -> torch.Tensor:
+                          chunk_size: int = 64, eps: float = 1e-6,
+                          decay: torch.Tensor | None = None) -> torch.Tensor:
     """Normalized causal linear attention on feature-mapped inputs.
 
     q, k: (N, L, H, D) already passed through the feature map (non-negative); v: (N, L, H, M).
     Returns (N, L, H, M): in the autocast dtype when autocast is on for the inputs' device (like
     a matmul), else in the promoted input dtype. The cross-chunk state is accumulated in fp32.
+    decay: None, or (H,) rates in (0, 1]: position t then weighs key s by decay^(t - s), in
+    the sums of both the output and its normalizer (see state_decay_rates).
     """
     if q.shape[:3] != k.shape[:3] or q.shape[:3] != v.shape[:3] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"expected q, k (N, L, H, D) and v (N, L, H, M), got "
@@ -388,18 +494,54 @@ def chunked_causal_linear(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     else:
         dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
     q, k, v = (t.to(dtype) for t in (q, k, v))
-    return _ChunkedCausalLinear.apply(q, k, v, int(chunk_size), float(eps))
+    if decay is not None and decay.shape != (q.shape[2],):
+        raise ValueError(f"expected one decay rate per head ({q.shape[2]}), got "
+                         f"{tuple(decay.shape)}")
+    return _ChunkedCausalLinear.apply(q, k, v, int(chunk_size), float(eps), decay)
+
+
+def state_decay_rates(kind: str, n_heads: int, device=None) -> torch.Tensor | None:
+    """Per-head rates at which the attention state forgets (None: it never does).
+
+    "multiscale": head h keeps rate 1 - 2^-e_h with e_h spread evenly from 12 down to 5, so a
+    key's weight halves after ~0.7 * 2^e_h positions: ~2800 for the first head, ~22 for the
+    last. Without decay every query averages over all keys before it, which at long context
+    blurs what the near ones say.
+    """
+    if kind == "none":
+        return None
+    if kind != "multiscale":
+        raise ValueError(f"unknown state decay {kind!r}; choose one of: {', '.join(STATE_DECAYS)}")
+    exponents = torch.linspace(12.0, 5.0, n_heads, dtype=torch.float64)
+    return (1 - 2.0 ** -exponents).to(device=device, dtype=torch.float32)
+
+
+class _DecayRates:
+    """state_decay_rates for a module, made once per head count and device."""
+
+    def __init__(self, kind: str):
+        state_decay_rates(kind, 1)  # an unknown kind fails at construction
+        self.kind = kind
+        self.made: dict = {}
+
+    def __call__(self, n_heads: int, device) -> torch.Tensor | None:
+        key = (n_heads, device)
+        if key not in self.made:
+            self.made[key] = state_decay_rates(self.kind, n_heads, device)
+        return self.made[key]
 
 
 class ChunkedCausalLinearAttention(nn.Module):
-    """Drop-in for fast-transformers' CausalLinearAttention (same constructor and forward)."""
+    """Drop-in for fast-transformers' CausalLinearAttention (same constructor and forward),
+    with an optional decaying state (`state_decay`, see state_decay_rates)."""
 
     def __init__(self, query_dimensions: int, feature_map=None, eps: float = 1e-6,
-                 causal_chunk_size: int = 64, event_dispatcher=""):
+                 causal_chunk_size: int = 64, event_dispatcher="", state_decay: str = "none"):
         super().__init__()
         self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
         self.eps = eps
         self.chunk_size = causal_chunk_size
+        self.decay = _DecayRates(state_decay)
 
     def forward(self, queries, keys, values, attn_mask, query_lengths, key_lengths):
         if not attn_mask.lower_triangular:
@@ -409,7 +551,8 @@ class ChunkedCausalLinearAttention(nn.Module):
         k = self.feature_map.forward_keys(keys)
         if not key_lengths.all_ones:
             k = k * key_lengths.float_matrix[:, :, None, None].to(k.dtype)
-        return chunked_causal_linear(q, k, values, self.chunk_size, self.eps)
+        return chunked_causal_linear(q, k, values, self.chunk_size, self.eps,
+                                     self.decay(queries.shape[2], queries.device))
 
 
 class RecurrentFP32LinearAttention(nn.Module):
@@ -417,14 +560,16 @@ class RecurrentFP32LinearAttention(nn.Module):
 
     Numerically the same recurrence as the library's RecurrentLinearAttention; keeping the
     running sums in fp32 stops them from losing precision under bf16/fp16 autocast. The state
-    has a fixed size, so each step costs the same at any position.
+    has a fixed size, so each step costs the same at any position. With `state_decay` the
+    state decays by each head's rate before every step (the twin of the chunked attention's).
     """
 
     def __init__(self, query_dimensions: int, feature_map=None, eps: float = 1e-6,
-                 event_dispatcher=""):
+                 event_dispatcher="", state_decay: str = "none"):
         super().__init__()
         self.feature_map = (feature_map or elu_feature_map)(query_dimensions)
         self.eps = eps
+        self.decay = _DecayRates(state_decay)
 
     def forward(self, query, key, value, state=None, memory=None):
         state = check_state(state, memory)
@@ -440,6 +585,9 @@ class RecurrentFP32LinearAttention(nn.Module):
             S, z = state
             if S.shape[0] != q.shape[0]:
                 raise ValueError("the batch size changed during iteration")
+        decay = self.decay(q.shape[1], q.device)
+        if decay is not None:
+            S, z = S * decay.view(1, -1, 1, 1), z * decay.view(1, -1, 1)
         # New tensors rather than in-place updates: callers may keep earlier states.
         S = torch.addcmul(S, k.unsqueeze(-1), v.unsqueeze(-2))
         z = z + k
@@ -456,11 +604,13 @@ def _register() -> None:
         ("feature_map", Optional(Callable)),
         ("causal_chunk_size", Optional(Int, 64)),
         ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+        ("state_decay", Optional(Choice(STATE_DECAYS), "none")),
     ])
     RecurrentAttentionRegistry.register(NAME, RecurrentFP32LinearAttention, [
         ("query_dimensions", Int),
         ("feature_map", Optional(Callable)),
         ("event_dispatcher", Optional(EventDispatcherInstance, "")),
+        ("state_decay", Optional(Choice(STATE_DECAYS), "none")),
     ])
 
 

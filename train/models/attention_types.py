@@ -17,6 +17,9 @@ ENCODER = "encoder"  # bidirectional self-attention over padded rows (key length
 CROSS = "cross"      # decoder cross attention, with a recurrent cross form for decoding
 ROLES = (CAUSAL, ENCODER, CROSS)
 
+# How chunked-causal-linear's state may forget (train.models.attention.state_decay_rates).
+STATE_DECAYS = ("none", "multiscale")
+
 
 def _softmax_flops(queries: float, keys: float, d_model: int, n_heads: int) -> float:
     """Scores (Q K^T) and the weighted sum of values: 2 x 2 x queries x keys x d_model."""
@@ -37,6 +40,8 @@ class AttentionSpec:
     fp32_only: bool = False
     # Builder kwargs this type alone takes, from the model's settings: {builder kwarg: setting}.
     config_kwargs: dict[str, str] = field(default_factory=dict)
+    # The same for kwargs that its recurrent twin takes too (settings a model may lack).
+    twin_config_kwargs: dict[str, str] = field(default_factory=dict)
     # FLOPs of one layer for a sequence of `queries` attending to `keys` positions (forward).
     # None: no formula; the metrics then report MFU as unknown rather than guess.
     flops: Callable[[float, float, int, int], float] | None = None
@@ -45,10 +50,16 @@ class AttentionSpec:
         """The extra kwargs for fast-transformers' builders, e.g. the chunk size."""
         return {kwarg: settings[key] for kwarg, key in self.config_kwargs.items()}
 
+    def twin_builder_kwargs(self, settings: dict) -> dict:
+        """The extra kwargs for both builders, parallel and recurrent, e.g. the state decay."""
+        return {kwarg: settings[key] for kwarg, key in self.twin_config_kwargs.items()
+                if key in settings}
+
 
 ATTENTION_TYPES: dict[str, AttentionSpec] = {spec.name: spec for spec in [
     AttentionSpec("chunked-causal-linear", frozenset({CAUSAL}),
                   config_kwargs={"causal_chunk_size": "attention_chunk_size"},
+                  twin_config_kwargs={"state_decay": "attention_decay"},
                   flops=_linear_flops),
     AttentionSpec("causal-linear", frozenset({CAUSAL}), fp32_only=True, flops=_linear_flops),
     AttentionSpec("full", frozenset({CAUSAL, ENCODER, CROSS}), flops=_softmax_flops),

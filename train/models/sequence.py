@@ -317,19 +317,25 @@ class TransformerLM(nn.Module):
 
     Recipe options: `norm` "pre" (GPT-2 order) or "post" (the library's); `tie_embeddings`
     (the head reuses the embedding matrix, no head bias); `init` "gpt2" or "default" (PyTorch's
-    per-layer defaults); `token_shift` (TokenShift before keys and values)."""
+    per-layer defaults); `token_shift` (TokenShift before keys and values); `attention_decay`
+    (chunked-causal-linear's state forgets, per head: see attention.state_decay_rates)."""
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
                  d_ff: int = 1024, dropout: float = 0.0,
                  attention_type: str = "chunked-causal-linear", attention_chunk_size: int = 64,
                  norm: str = "post", tie_embeddings: bool = False, init: str = "default",
-                 token_shift: bool = False):
+                 token_shift: bool = False, attention_decay: str = "none"):
         super().__init__()
         self.hparams = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
                             n_heads=n_heads, d_ff=d_ff, dropout=dropout,
                             attention_type=attention_type,
                             attention_chunk_size=attention_chunk_size, norm=norm,
-                            tie_embeddings=tie_embeddings, init=init, token_shift=token_shift)
+                            tie_embeddings=tie_embeddings, init=init, token_shift=token_shift,
+                            attention_decay=attention_decay)
+        if (attention_decay != "none"
+                and "state_decay" not in ATTENTION_TYPES[attention_type].twin_config_kwargs):
+            raise ValueError(f"attention_decay={attention_decay} needs attention_type="
+                             f"chunked-causal-linear (got {attention_type})")
         self.embed = nn.Embedding(vocab_size, d_model)
         self.encoder = _own_layers(TransformerEncoderBuilder.from_kwargs(
             **self._builder_kwargs(), **self._parallel_only_kwargs()).get(),
@@ -348,7 +354,8 @@ class TransformerLM(nn.Module):
         return dict(n_layers=h["n_layers"], n_heads=h["n_heads"], query_dimensions=head_dim,
                     value_dimensions=head_dim, feed_forward_dimensions=h["d_ff"],
                     activation="gelu", dropout=h["dropout"], attention_dropout=h["dropout"],
-                    attention_type=h["attention_type"])
+                    attention_type=h["attention_type"],
+                    **ATTENTION_TYPES[h["attention_type"]].twin_builder_kwargs(h))
 
     def _parallel_only_kwargs(self) -> dict:
         return ATTENTION_TYPES[self.hparams["attention_type"]].builder_kwargs(self.hparams)
@@ -455,7 +462,7 @@ def build_sequence_model(cfg, vocab_size: int) -> nn.Module:
         return LSTMLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.dropout)
     model = TransformerLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
                           cfg.dropout, cfg.attention_type, cfg.attention_chunk_size, cfg.norm,
-                          cfg.tie_embeddings, cfg.init, cfg.token_shift)
+                          cfg.tie_embeddings, cfg.init, cfg.token_shift, cfg.attention_decay)
     if cfg.activation_checkpointing:
         checkpoint_layers(model.encoder.layers)
     return model

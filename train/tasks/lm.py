@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch.nn import functional as F
 
 from train.config import CausalAttention, EncoderConfig, LoaderConfig, RunConfig, Section
@@ -16,7 +16,7 @@ from train.data import IGNORE_INDEX
 from train.data.corpus import load_tokenizer, prepare
 from train.data.tokenizer import bpe_vocab_size
 from train.errors import ConfigError
-from train.models.attention_types import attention_flops
+from train.models.attention_types import STATE_DECAYS, attention_flops
 from train.models.generation import sample
 from train.models.sequence import build_sequence_model, weight_flops_per_token
 from train.tasks import register_task
@@ -63,9 +63,20 @@ class SequenceModelConfig(EncoderConfig):
     init: Literal["gpt2", "default"] = "default"
     # Keys and values mix in the previous position's input (TokenShift).
     token_shift: bool = False
+    # Each head's attention state forgets at its own rate (chunked-causal-linear only; see
+    # train.models.attention.state_decay_rates).
+    attention_decay: Literal[STATE_DECAYS] = "none"
     # Recompute each layer's activations in the backward instead of keeping them: long
     # contexts fit in memory for about a third more compute.
     activation_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _decay_needs_chunked_attention(self):
+        if self.attention_decay != "none" and self.attention_type != "chunked-causal-linear":
+            raise ValueError(f"attention_decay={self.attention_decay} needs attention_type="
+                             f"chunked-causal-linear (got {self.attention_type}); or set "
+                             "attention_decay=none")
+        return self
 
 
 class LMTaskConfig(Section):
