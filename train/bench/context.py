@@ -29,7 +29,8 @@ def _tokens_per_s(attention: str, length: int, tokens_per_step: int, steps: int,
                      "data.source=builtin:python_stdlib", "data.tokenizer=byte",
                      f"data.block_size={length}",
                      f"data.batch_size={max(1, tokens_per_step // length)}", "data.eval_batch_size=1",
-                     f"model.attention_type={attention}"]
+                     f"model.attention_type={attention}",
+                     "model.attention_decay=none"]  # the attention types alone differ
         if quick:
             overrides += ["model.d_model=32", "model.n_layers=1", "model.n_heads=2",
                           "model.d_ff=64"]
