@@ -95,6 +95,15 @@ def check_attention(name: str, role: str) -> str:
                         f"; choose one of: {', '.join(known)}"))
 
 
+def check_state_decay(decay: str, name: str) -> str:
+    """`decay` if attention `name` can take it; else ValueError saying how to fix the config."""
+    able = [n for n, spec in ATTENTION_TYPES.items() if "state_decay" in spec.twin_config_kwargs]
+    if decay != "none" and name not in able:
+        raise ValueError(f"attention_decay={decay} needs attention_type={' or '.join(able)} "
+                         f"(got {name}); or set attention_decay=none")
+    return decay
+
+
 def attention_flops(name: str, queries: float, keys: float, d_model: int,
                     n_heads: int) -> float | None:
     """Forward FLOPs of one attention layer (see AttentionSpec.flops), None if unknown."""

@@ -19,7 +19,7 @@ from fast_transformers.builders import RecurrentEncoderBuilder, TransformerEncod
 from fast_transformers.masking import FullMask, LengthMask
 from fast_transformers.recurrent import transformers as library_recurrent_layers
 from . import attention  # noqa: F401  (registers chunked-causal-linear)
-from .attention_types import ATTENTION_TYPES
+from .attention_types import ATTENTION_TYPES, check_state_decay
 from .masks import causal_mask, no_padding_mask
 
 
@@ -331,11 +331,8 @@ class TransformerLM(nn.Module):
                             attention_type=attention_type,
                             attention_chunk_size=attention_chunk_size, norm=norm,
                             tie_embeddings=tie_embeddings, init=init, token_shift=token_shift,
-                            attention_decay=attention_decay)
-        if (attention_decay != "none"
-                and "state_decay" not in ATTENTION_TYPES[attention_type].twin_config_kwargs):
-            raise ValueError(f"attention_decay={attention_decay} needs attention_type="
-                             f"chunked-causal-linear (got {attention_type})")
+                            attention_decay=check_state_decay(attention_decay,
+                                                              attention_type))
         self.embed = nn.Embedding(vocab_size, d_model)
         self.encoder = _own_layers(TransformerEncoderBuilder.from_kwargs(
             **self._builder_kwargs(), **self._parallel_only_kwargs()).get(),

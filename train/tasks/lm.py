@@ -16,7 +16,7 @@ from train.data import IGNORE_INDEX
 from train.data.corpus import load_tokenizer, prepare
 from train.data.tokenizer import bpe_vocab_size
 from train.errors import ConfigError
-from train.models.attention_types import STATE_DECAYS, attention_flops
+from train.models.attention_types import STATE_DECAYS, attention_flops, check_state_decay
 from train.models.generation import sample
 from train.models.sequence import build_sequence_model, weight_flops_per_token
 from train.tasks import register_task
@@ -71,11 +71,8 @@ class SequenceModelConfig(EncoderConfig):
     activation_checkpointing: bool = False
 
     @model_validator(mode="after")
-    def _decay_needs_chunked_attention(self):
-        if self.attention_decay != "none" and self.attention_type != "chunked-causal-linear":
-            raise ValueError(f"attention_decay={self.attention_decay} needs attention_type="
-                             f"chunked-causal-linear (got {self.attention_type}); or set "
-                             "attention_decay=none")
+    def _decay_needs_an_attention_that_takes_it(self):
+        check_state_decay(self.attention_decay, self.attention_type)
         return self
 
 
