@@ -317,7 +317,10 @@ RECIPES = {"post-norm": {}, "pre-norm,tied,gpt2-init": dict(norm="pre", tie_embe
                                                              init="gpt2"),
            "post-norm,token-shift": dict(token_shift=True),
            "pre-norm,token-shift": dict(norm="pre", token_shift=True),
-           "post-norm,token-shift,decay": dict(token_shift=True, attention_decay="multiscale")}
+           "post-norm,token-shift,decay": dict(token_shift=True, attention_decay="multiscale"),
+           "post-norm,both-shifts,decay": dict(token_shift=True, feed_forward_shift=True,
+                                               attention_decay="multiscale"),
+           "pre-norm,feed-forward-shift": dict(norm="pre", feed_forward_shift=True)}
 
 
 @pytest.mark.parametrize("recipe", RECIPES.values(), ids=RECIPES.keys())
@@ -330,6 +333,9 @@ def test_recurrent_twin_reproduces_the_parallel_model(attention_type, recipe):
     model = _lm(attention_type, **recipe)
     ids = torch.randint(0, 61, (3, 29), generator=torch.Generator().manual_seed(8))
     with torch.no_grad():
+        for name, p in model.named_parameters():  # shifts away from where they start (at 0
+            if name.endswith("shift.mix"):          # the feed-forward's is no shift at all)
+                p.uniform_(0.2, 0.8, generator=torch.Generator().manual_seed(len(name)))
         parallel = model(ids)
         twin, state, steps = model.recurrent(), None, []
         for t in range(ids.shape[1]):
@@ -338,41 +344,51 @@ def test_recurrent_twin_reproduces_the_parallel_model(attention_type, recipe):
     assert (torch.stack(steps, 1) - parallel).abs().max().item() <= 1e-5
 
 
-def test_token_shift_comes_from_the_config_and_keys_read_the_previous_position():
-    """lm_tiny.yaml turns it on in every layer; with its mix at 0 the model is exactly the one
-    without it (token shift draws nothing from the random generator), at 0.5 it is not."""
+@pytest.mark.parametrize("key,start,recipe", [
+    ("token_shift", 0.5, {}), ("feed_forward_shift", 0.0, {}),
+    ("feed_forward_shift", 0.5, {"feed_forward_shift_start": 0.5})])
+def test_shifts_come_from_the_config_and_read_the_previous_position(key, start, recipe):
+    """lm_tiny.yaml turns each on in every layer, its mix starting at `start`; with the mix at
+    0 the model is exactly the one without it (a shift draws nothing from the random
+    generator), at 0.5 it is not."""
     from conftest import ROOT
     from train.tasks import load_config
 
     cfg = load_config(ROOT / "configs" / "lm_tiny.yaml", ["model.d_model=32", "model.n_heads=4",
                                                           "model.d_ff=64", "model.n_layers=2"])
-    assert all(isinstance(layer.token_shift, TokenShift)
+    assert all(isinstance(getattr(layer, key), TokenShift)
                for layer in build_sequence_model(cfg.model, 61).encoder.layers)
-    plain, shifted = _lm(NAME), _lm(NAME, token_shift=True)
+    plain, shifted = _lm(NAME), _lm(NAME, **{key: True}, **recipe)
+    mixes = [getattr(layer, key).mix for layer in shifted.encoder.layers]
+    assert all(torch.equal(mix, torch.full_like(mix, start)) for mix in mixes)
     ids = torch.randint(0, 61, (2, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
+        for mix in mixes:
+            mix.fill_(0.5)
         assert not torch.allclose(shifted(ids), plain(ids))
-        for layer in shifted.encoder.layers:
-            layer.token_shift.mix.zero_()
+        for mix in mixes:
+            mix.zero_()
         assert torch.equal(shifted(ids), plain(ids))
 
 
 class _ShiftedProjections(nn.Module):
-    def __init__(self):
+    def __init__(self, n: int):
         super().__init__()
         self.shift = TokenShift(5)
-        self.keys, self.values = nn.Linear(5, 4), nn.Linear(5, 4, bias=False)
+        self.projections = nn.ModuleList([nn.Linear(5, 4), nn.Linear(5, 3, bias=False)][:n])
 
     def forward(self, h):
-        return self.shift.keys_and_values(h, self.keys, self.values)
+        return self.shift.project(h, *self.projections)
 
 
-def test_token_shift_keys_and_values_without_keeping_the_mixed_input():
-    """The keys and values of the shifted input, with a hand-written backward checked against
-    finite differences (float64), keeping for the backward only what the layer keeps anyway:
-    its input, the mix and the two weights, not the mixed input (recomputed instead)."""
+@pytest.mark.parametrize("n", [1, 2])
+def test_token_shift_projects_without_keeping_the_mixed_input(n):
+    """Projections of the shifted input (the feed-forward's one, attention's keys and values),
+    with a hand-written backward checked against finite differences (float64), keeping for the
+    backward only what the layer keeps anyway: its input, the mix and the weights, not the
+    mixed input (recomputed instead)."""
     generator = torch.Generator().manual_seed(2)
-    module = _ShiftedProjections().double()
+    module = _ShiftedProjections(n).double()
     with torch.no_grad():
         module.shift.mix.uniform_(generator=generator)
     h = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True, generator=generator)
@@ -384,15 +400,15 @@ def test_token_shift_keys_and_values_without_keeping_the_mixed_input():
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
         got = module(h)
-    torch.testing.assert_close(got, (module.keys(mixed), module.values(mixed)), rtol=1e-12,
+    torch.testing.assert_close(got, tuple(p(mixed) for p in module.projections), rtol=1e-12,
                                atol=1e-12)
     assert {t.data_ptr() for t in kept} == {t.data_ptr() for t in (
-        h, module.shift.mix, module.keys.weight, module.values.weight)}
+        h, module.shift.mix, *(p.weight for p in module.projections))}
 
 
 @pytest.mark.parametrize("attention_type,recipe", [
     (NAME, {}), (NAME, {"token_shift": True}),
-    (NAME, {"token_shift": True, "attention_decay": "multiscale"}),
+    (NAME, {"token_shift": True, "attention_decay": "multiscale", "feed_forward_shift": True}),
     ("causal-linear", {}), ("causal-linear", {"token_shift": True})])
 def test_lm_trains_under_bf16_autocast(attention_type, recipe):
     """Forward + backward of the whole LM under CPU bf16 autocast; the library's fp32-only

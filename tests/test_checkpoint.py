@@ -118,19 +118,20 @@ def test_only_run_length_and_reporting_keys_may_change():
 
 def test_a_run_saved_before_the_recipe_keys_existed_still_resumes():
     """Keys added to the schema since a run was saved are read as their defaults, which keep
-    the old meaning (post-norm, untied head, PyTorch's initialisation, no token shift)."""
+    the old meaning (post-norm, untied head, PyTorch's initialisation, no shifts)."""
     from train.config import read_as, to_dict
     from train.tasks import load_config
 
-    old = load_config(LM_TINY, ["model.token_shift=false"])  # lm_tiny.yaml before the key
+    old = load_config(LM_TINY, ["model.token_shift=false",  # lm_tiny.yaml before the keys
+                                "model.feed_forward_shift=false"])
     saved = to_dict(old)
-    for key in ("norm", "tie_embeddings", "init", "token_shift"):
+    for key in ("norm", "tie_embeddings", "init", "token_shift", "feed_forward_shift"):
         del saved["model"][key]
     assert config_differences(read_as(old, saved), to_dict(old)) == []
     new = load_config(LM_TINY, ["model.norm=pre", "model.tie_embeddings=true"])
     assert config_differences(read_as(new, saved), to_dict(new)) == [
-        "model.norm: 'post' -> 'pre'", "model.tie_embeddings: False -> True",
-        "model.token_shift: False -> True"]
+        "model.feed_forward_shift: False -> True", "model.norm: 'post' -> 'pre'",
+        "model.tie_embeddings: False -> True", "model.token_shift: False -> True"]
 
 
 def test_a_tied_head_is_saved_once_and_resumes_and_samples_tied(tmp_path):

@@ -122,8 +122,8 @@ def test_vision_flops_come_from_torchs_counter():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-@pytest.mark.parametrize("token_shift", [False, True])
-def test_activation_checkpointing_recomputes_the_same_gradients(token_shift, dropout):
+@pytest.mark.parametrize("shifts", [False, True])
+def test_activation_checkpointing_recomputes_the_same_gradients(shifts, dropout):
     """model.activation_checkpointing: the same loss and gradients (layers recomputed in the
     backward), the same parameter names (checkpoints and the recurrent twin unchanged)."""
     from train.tasks.lm import SequenceModelConfig
@@ -132,7 +132,7 @@ def test_activation_checkpointing_recomputes_the_same_gradients(token_shift, dro
     for checkpointing in (False, True):
         torch.manual_seed(0)
         cfg = SequenceModelConfig(d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=dropout,
-                                  token_shift=token_shift,
+                                  token_shift=shifts, feed_forward_shift=shifts,
                                   activation_checkpointing=checkpointing)
         model = build_sequence_model(cfg, 259)
         ids = torch.randint(0, 259, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -172,7 +172,7 @@ class _FeedForward(torch.nn.Module):
         self.layer = layer
 
     def forward(self, x):
-        return self.layer._feed_forward(x)
+        return self.layer._feed_forward(x)[0]
 
 
 @pytest.mark.parametrize("norm", ["post", "pre"])
@@ -204,7 +204,7 @@ def test_feed_forward_keeps_the_pre_activation_not_the_activation(norm, monkeypa
         expected = layer.norm2(layer.norm1(x) + plain_mlp(layer.norm1(x)))
     kept = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
-        got = layer._feed_forward(x)
+        got, _ = layer._feed_forward(x)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     weights = {p.data_ptr() for p in layer.parameters()}
     assert [t.numel() for t in kept if t.data_ptr() not in weights and t.shape[-1] == 16] == [160]

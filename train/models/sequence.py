@@ -73,34 +73,39 @@ def _linear_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 
 
 class _ShiftMixProject(torch.autograd.Function):
-    """key_projection(m), value_projection(m) with m = _shift_mix(h, mix), keeping h (which the
-    query projection keeps anyway) for the backward instead of m, and recomputing m there (one
-    elementwise pass): 4 bytes per channel and position less, and no shifted copy of h made.
-    Runs in `dtype` (the autocast dtype, where autocast is on), like the linear layers would."""
+    """Linear projections of m = _shift_mix(h, mix), keeping h (which the layer keeps anyway)
+    for the backward instead of m, and recomputing m there (one elementwise pass): 4 bytes per
+    channel and position less, and no shifted copy of h made. `params` are the projections'
+    weights and biases, (w1, b1, w2, b2, ...), a bias None where there is none. Runs in
+    `dtype` (the autocast dtype, where autocast is on), like the linear layers would."""
 
     @staticmethod
-    def forward(ctx, h, mix, dtype, key_weight, key_bias, value_weight, value_bias):
+    def forward(ctx, h, mix, dtype, *params):
+        weights, biases = params[0::2], params[1::2]
         with torch.autocast(h.device.type, enabled=False):
             mixed = _shift_mix(h, mix).to(dtype)
-            keys, values = (nn.functional.linear(mixed, w.to(dtype), _cast(b, dtype))
-                            for w, b in ((key_weight, key_bias), (value_weight, value_bias)))
-        ctx.save_for_backward(h, mix, key_weight, value_weight)
-        ctx.dtype, ctx.biases = dtype, (key_bias is not None, value_bias is not None)
-        return keys, values
+            outs = tuple(nn.functional.linear(mixed, w.to(dtype), _cast(b, dtype))
+                         for w, b in zip(weights, biases))
+        ctx.save_for_backward(h, mix, *weights)
+        ctx.dtype, ctx.biases = dtype, tuple(b is not None for b in biases)
+        return outs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_keys, grad_values):
-        h, mix, key_weight, value_weight = ctx.saved_tensors
+    def backward(ctx, *grads):
+        h, mix, *weights = ctx.saved_tensors
         dtype = ctx.dtype
+        param_grads = []
         with torch.autocast(h.device.type, enabled=False):
             mixed = _shift_mix(h, mix).to(dtype).flatten(0, -2)
-            grad_keys, grad_values = (g.to(dtype).flatten(0, -2) for g in (grad_keys, grad_values))
-            grad_key_weight, grad_key_bias = _linear_grads(grad_keys, mixed, ctx.biases[0])
-            grad_value_weight, grad_value_bias = _linear_grads(grad_values, mixed, ctx.biases[1])
+            grads = [g.to(dtype).flatten(0, -2) for g in grads]
+            grad_mixed = None
+            for g, w, has_bias in zip(grads, weights, ctx.biases):
+                grad_w, grad_b = _linear_grads(g, mixed, has_bias)
+                param_grads += [grad_w.to(w.dtype), _cast(grad_b, w.dtype)]
+                grad_mixed = (g @ w.to(dtype) if grad_mixed is None
+                              else grad_mixed.addmm_(g, w.to(dtype)))
             del mixed
-            grad_mixed = (grad_keys @ key_weight.to(dtype)).addmm_(grad_values,
-                                                                   value_weight.to(dtype))
             g = grad_mixed.view(h.shape).to(torch.promote_types(h.dtype, mix.dtype))
             # Through the mix, in g itself and one scratch tensor: output j reads h[j] with
             # weight 1 - mix and h[j - 1] with weight mix.
@@ -110,10 +115,7 @@ class _ShiftMixProject(torch.autograd.Function):
             torch.mul(g[:, 1:], mix, out=scratch)
             grad_h = g.mul_(1 - mix)
             grad_h[:, :-1] += scratch
-        return (grad_h.to(h.dtype), grad_mix.to(mix.dtype), None,
-                grad_key_weight.to(key_weight.dtype), _cast(grad_key_bias, key_weight.dtype),
-                grad_value_weight.to(value_weight.dtype),
-                _cast(grad_value_bias, value_weight.dtype))
+        return (grad_h.to(h.dtype), grad_mix.to(mix.dtype), None, *param_grads)
 
 
 # Rows of the feed-forward's hidden activation made at a time by _GeluProject on CPU: 256 x
@@ -170,26 +172,26 @@ def _row_blocks(rows: torch.Tensor) -> list[slice]:
 
 
 class TokenShift(nn.Module):
-    """Keys and values read a learned per-channel mix of this position's input and the
-    previous position's (RWKV's token shift, a one-step causal convolution). Linear attention
-    sums the past with no sense of order; this gives each key its local context, which the
-    model otherwise has to learn through the position encodings. The recurrent form keeps the
-    previous input: still O(1) per token."""
+    """A learned per-channel mix of this position's input and the previous position's (RWKV's
+    token shift, a one-step causal convolution), starting at `mix`. Keys and values read one:
+    linear attention sums the past with no sense of order; this gives each key its local
+    context, which the model otherwise has to learn through the position encodings. The
+    feed-forward can read one too (RWKV's channel mix): every layer then sees pairs of
+    neighbouring positions. The recurrent form keeps the previous input: still O(1) per token."""
 
-    def __init__(self, d_model: int):
+    def __init__(self, d_model: int, mix: float = 0.5):
         super().__init__()
-        self.mix = nn.Parameter(torch.full((d_model,), 0.5))
+        self.mix = nn.Parameter(torch.full((d_model,), mix))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h: (N, L, E) -> (N, L, E); position 0 mixes with zeros."""
         return _shift_mix(h, self.mix)
 
-    def keys_and_values(self, h: torch.Tensor, key_projection: nn.Linear,
-                        value_projection: nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two projections of forward(h), without keeping forward(h) for the backward."""
-        return _ShiftMixProject.apply(h, self.mix, _linear_dtype(h, key_projection.weight),
-                                      key_projection.weight, key_projection.bias,
-                                      value_projection.weight, value_projection.bias)
+    def project(self, h: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
+        """Each projection of forward(h), without keeping forward(h) for the backward."""
+        params = [t for p in projections for t in (p.weight, p.bias)]
+        return _ShiftMixProject.apply(h, self.mix, _linear_dtype(h, projections[0].weight),
+                                      *params)
 
     def step(self, h: torch.Tensor, previous: torch.Tensor | None):
         """h: (N, E) at one position, `previous` the input before it -> (mixed, new previous)."""
@@ -198,28 +200,41 @@ class TokenShift(nn.Module):
 
 
 class _RecipeOptions:
-    """What the parallel and recurrent layers below share: the `norm_first` and `token_shift`
-    switches and the feed-forward half of a block in either order."""
+    """What the parallel and recurrent layers below share: the `norm_first`, `token_shift` and
+    `feed_forward_shift` switches and the feed-forward half of a block in either order."""
 
     def __init__(self, attention, d_model, d_ff, dropout, activation, norm_first: bool):
         super().__init__(attention, d_model, d_ff, dropout, activation)
         self.norm_first = norm_first
         self.token_shift: TokenShift | None = None
+        self.feed_forward_shift: TokenShift | None = None
 
-    def _feed_forward(self, x):
-        """x: the residual stream after attention."""
+    def _feed_forward(self, x, previous=None):
+        """x: the residual stream after attention, (N, L, E); or (N, E) at one position in the
+        recurrent twin, which passes the feed-forward's input one position earlier (None at the
+        first). -> (output, this position's feed-forward input for the next step)."""
         if self.norm_first:
-            return x + self.dropout(self._mlp(self.norm2(x)))
+            out, previous = self._mlp(self.norm2(x), previous)
+            return x + self.dropout(out), previous
         x = self.norm1(x)  # the library's post-norm order
-        return self.norm2(x + self.dropout(self._mlp(x)))
+        out, previous = self._mlp(x, previous)
+        return self.norm2(x + self.dropout(out)), previous
 
-    def _mlp(self, x):
-        """linear2(dropout(gelu(linear1(x)))); without dropout, through _GeluProject."""
-        u = self.linear1(x)
+    def _mlp(self, x, previous):
+        """linear2(dropout(gelu(linear1(x)))), x first mixed with the previous position's by
+        `feed_forward_shift` where it is on; without dropout, through _GeluProject."""
+        shift = self.feed_forward_shift
+        if shift is None:
+            u = self.linear1(x)
+        elif x.dim() == 2:  # one position: the recurrent twin keeps the previous one
+            mixed, previous = shift.step(x, previous)
+            u = self.linear1(mixed)
+        else:
+            (u,) = shift.project(x, self.linear1)
         if self.activation is not nn.functional.gelu or (self.dropout.p and self.training):
-            return self.linear2(self.dropout(self.activation(u)))
+            return self.linear2(self.dropout(self.activation(u))), previous
         return _GeluProject.apply(u, _linear_dtype(u, self.linear2.weight), self.linear2.weight,
-                                  self.linear2.bias)
+                                  self.linear2.bias), previous
 
 
 class TransformerEncoderLayer(_RecipeOptions, library_layers.TransformerEncoderLayer):
@@ -227,7 +242,8 @@ class TransformerEncoderLayer(_RecipeOptions, library_layers.TransformerEncoderL
     wrap-by-layer-class configs apply), optionally normalising before each sub-block instead of
     after it (pre-norm, GPT-2's order): the residual stream then passes through unnormalised up
     to the encoder's final LayerNorm. With `token_shift`, keys and values see TokenShift. The
-    feed-forward half keeps less for the backward than the library's (see _GeluProject)."""
+    feed-forward half keeps less for the backward than the library's (see _GeluProject); with
+    `feed_forward_shift` it reads its own TokenShift of its input (RWKV's channel mix)."""
 
     def forward(self, x, attn_mask=None, length_mask=None):
         # The library's defaults for absent masks.
@@ -240,13 +256,13 @@ class TransformerEncoderLayer(_RecipeOptions, library_layers.TransformerEncoderL
                                  key_lengths=length_mask)
         else:
             out = self._shifted_attention(h, attn_mask, length_mask)
-        return self._feed_forward(x + self.dropout(out))
+        return self._feed_forward(x + self.dropout(out))[0]
 
     def _shifted_attention(self, h, attn_mask, length_mask):
         """The library's AttentionLayer.forward, with keys and values from TokenShift."""
         a, (n, length, _) = self.attention, h.shape
         queries = a.query_projection(h).view(n, length, a.n_heads, -1)
-        keys, values = self.token_shift.keys_and_values(h, a.key_projection, a.value_projection)
+        keys, values = self.token_shift.project(h, a.key_projection, a.value_projection)
         out = a.inner_attention(queries, keys.view(n, length, a.n_heads, -1),
                                 values.view(n, length, a.n_heads, -1), attn_mask, length_mask,
                                 length_mask)
@@ -256,20 +272,22 @@ class TransformerEncoderLayer(_RecipeOptions, library_layers.TransformerEncoderL
 class RecurrentTransformerEncoderLayer(_RecipeOptions,
                                        library_recurrent_layers.RecurrentTransformerEncoderLayer):
     """The recurrent twin of TransformerEncoderLayer: one position at a time, same order. With
-    `token_shift` its state is (attention state, previous input)."""
+    either shift its state is (attention state, previous input, previous feed-forward input)."""
 
     def forward(self, x, state=None, memory=None):
-        if not self.norm_first and self.token_shift is None:
+        shifts = self.token_shift is not None or self.feed_forward_shift is not None
+        if not self.norm_first and not shifts:
             return super().forward(x, state, memory)
+        attention_state, previous, ff_previous = (state or (None,) * 3) if shifts else (
+            state, None, None)
         h = self.norm1(x) if self.norm_first else x
         if self.token_shift is None:
-            out, state = self.attention(h, h, h, state)
+            out, attention_state = self.attention(h, h, h, attention_state)
         else:
-            attention_state, previous = state or (None, None)
             kv, previous = self.token_shift.step(h, previous)
             out, attention_state = self.attention(h, kv, kv, attention_state)
-            state = (attention_state, previous)
-        return self._feed_forward(x + self.dropout(out)), state
+        x, ff_previous = self._feed_forward(x + self.dropout(out), ff_previous)
+        return x, ((attention_state, previous, ff_previous) if shifts else attention_state)
 
 
 def _own_layers(encoder: nn.Module, layer_class: type, hparams: dict) -> nn.Module:
@@ -284,6 +302,9 @@ def _own_layers(encoder: nn.Module, layer_class: type, hparams: dict) -> nn.Modu
         own.load_state_dict(layer.state_dict(), assign=True)
         if hparams["token_shift"]:  # not the builder's: made here, off the meta device
             own.token_shift = TokenShift(hparams["d_model"])
+        if hparams["feed_forward_shift"]:
+            own.feed_forward_shift = TokenShift(hparams["d_model"],
+                                                mix=hparams["feed_forward_shift_start"])
         layers.append(own)
     encoder.layers = nn.ModuleList(layers)
     return encoder
@@ -317,20 +338,25 @@ class TransformerLM(nn.Module):
 
     Recipe options: `norm` "pre" (GPT-2 order) or "post" (the library's); `tie_embeddings`
     (the head reuses the embedding matrix, no head bias); `init` "gpt2" or "default" (PyTorch's
-    per-layer defaults); `token_shift` (TokenShift before keys and values); `attention_decay`
+    per-layer defaults); `token_shift` (TokenShift before keys and values);
+    `feed_forward_shift` (TokenShift before each feed-forward, its mix starting at
+    `feed_forward_shift_start`); `attention_decay`
     (chunked-causal-linear's state forgets, per head: see attention.state_decay_rates)."""
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
                  d_ff: int = 1024, dropout: float = 0.0,
                  attention_type: str = "chunked-causal-linear", attention_chunk_size: int = 64,
                  norm: str = "post", tie_embeddings: bool = False, init: str = "default",
-                 token_shift: bool = False, attention_decay: str = "none"):
+                 token_shift: bool = False, attention_decay: str = "none",
+                 feed_forward_shift: bool = False, feed_forward_shift_start: float = 0.0):
         super().__init__()
         self.hparams = dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
                             n_heads=n_heads, d_ff=d_ff, dropout=dropout,
                             attention_type=attention_type,
                             attention_chunk_size=attention_chunk_size, norm=norm,
                             tie_embeddings=tie_embeddings, init=init, token_shift=token_shift,
+                            feed_forward_shift=feed_forward_shift,
+                            feed_forward_shift_start=feed_forward_shift_start,
                             attention_decay=check_state_decay(attention_decay,
                                                               attention_type))
         self.embed = nn.Embedding(vocab_size, d_model)
@@ -459,7 +485,8 @@ def build_sequence_model(cfg, vocab_size: int) -> nn.Module:
         return LSTMLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.dropout)
     model = TransformerLM(vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff,
                           cfg.dropout, cfg.attention_type, cfg.attention_chunk_size, cfg.norm,
-                          cfg.tie_embeddings, cfg.init, cfg.token_shift, cfg.attention_decay)
+                          cfg.tie_embeddings, cfg.init, cfg.token_shift, cfg.attention_decay,
+                          cfg.feed_forward_shift, cfg.feed_forward_shift_start)
     if cfg.activation_checkpointing:
         checkpoint_layers(model.encoder.layers)
     return model

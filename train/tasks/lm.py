@@ -63,6 +63,11 @@ class SequenceModelConfig(EncoderConfig):
     init: Literal["gpt2", "default"] = "default"
     # Keys and values mix in the previous position's input (TokenShift).
     token_shift: bool = False
+    # Each feed-forward mixes in the previous position's input too (its own TokenShift), the
+    # mix starting at feed_forward_shift_start (0: the model without it). From 0.5, byte-token
+    # models learned much faster, but the demo's BPE model stalled at its unigram loss.
+    feed_forward_shift: bool = False
+    feed_forward_shift_start: float = Field(0.0, ge=0, le=1)
     # Each head's attention state forgets at its own rate (chunked-causal-linear only; see
     # train.models.attention.state_decay_rates).
     attention_decay: Literal[STATE_DECAYS] = "none"
