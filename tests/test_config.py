@@ -51,6 +51,9 @@ def test_parse_overrides_builds_a_tree():
     (["model.n_heads=3"], "must divide d_model"),
     (["model.attention_decay=multiscale", "model.attention_type=full"],
      "attention_decay=multiscale needs attention_type=chunked-causal-linear"),
+    (["model.feed_forward_shift=false", "model.feed_forward_shift_start=0.5"],
+     "feed_forward_shift_start=0.5 has no effect without feed_forward_shift=true"),
+    (["model.feed_forward_shift_start=2"], "model.feed_forward_shift_start=2"),
     (["data.val_fraction=1.5"], "data.val_fraction=1.5"),
     (["noequals"], "expected dotted.key=value"),
 ])

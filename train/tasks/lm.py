@@ -80,6 +80,13 @@ class SequenceModelConfig(EncoderConfig):
         check_state_decay(self.attention_decay, self.attention_type)
         return self
 
+    @model_validator(mode="after")
+    def _shift_start_needs_the_shift(self):
+        if self.feed_forward_shift_start and not self.feed_forward_shift:
+            raise ValueError(f"feed_forward_shift_start={self.feed_forward_shift_start} has no "
+                             "effect without feed_forward_shift=true; set both, or neither")
+        return self
+
 
 class LMTaskConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
