@@ -201,6 +201,105 @@ def test_rejects_a_non_causal_mask():
         ChunkedCausalLinearAttention(4)(q, k, v, FullMask(8), lengths, lengths)
 
 
+@pytest.fixture
+def two_threads():
+    """torch on two intra-op threads for the test, whatever the machine has."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("decay", ["none", "multiscale"])
+@pytest.mark.parametrize("N,L,C", [(4, 300, 32), (1, 2048, 64), (8, 128, 32)])
+def test_results_do_not_depend_on_how_many_threads_run_the_slabs(two_threads, monkeypatch,
+                                                                 N, L, C, decay):
+    """SLAB_THREADS runs each slab on one thread or on all, whichever is faster at the time:
+    outputs and gradients must be the same bits either way, or training would not be
+    reproducible (nor a resumed run exact)."""
+    monkeypatch.setattr(attention.SLAB_THREADS, "enabled", False)
+    q, k, v, grad = _inputs(N, L, 4, 32, 32, seed=7)
+    module = ChunkedCausalLinearAttention(32, causal_chunk_size=C, state_decay=decay)
+    on_two = _run(module, q, k, v, grad)
+    torch.set_num_threads(1)
+    on_one = _run(module, q, k, v, grad)
+    for name, x, ref in zip(["out", "dq", "dk", "dv"], on_one, on_two):
+        assert torch.equal(x, ref), name
+
+
+class _SlabClock:
+    """A clock for SLAB_THREADS read at each slab's start and end: a slab lasts
+    `seconds[thread count]`, or the next of `stalls` while there are any."""
+
+    def __init__(self, seconds: dict[int, float]):
+        self.seconds, self.stalls, self.now, self.in_slab = seconds, [], 0.0, False
+
+    def __call__(self) -> float:
+        if self.in_slab:
+            self.now += self.stalls.pop(0) if self.stalls else self.seconds[
+                torch.get_num_threads()]
+        self.in_slab = not self.in_slab
+        return self.now
+
+
+def test_slabs_run_on_the_faster_thread_count_and_follow_the_load(two_threads):
+    """Idle, two threads are faster: every slab runs on two but the probes, which run one
+    slab on one thread and, lost, come ever rarer. When sharing the cores makes two threads
+    slower, a few slabs later the rest move to one thread; when the cores are free again, the
+    next probe moves them back. A single slow slab moves nothing."""
+    clock = _SlabClock({1: 2.0, 2: 1.0})
+    policy = attention._SlabThreads(clock)
+    slabs = [(i, (i, i + 1)) for i in range(5)]
+    like = torch.empty(0)
+
+    def call() -> list[int]:
+        return [torch.get_num_threads() for _ in policy("forward", slabs, 1, like)]
+
+    idle = [call() for _ in range(300)]
+    probes = [n for n, counts in enumerate(idle, 1) if counts != [2] * 5]
+    assert probes == [1, 3, 7, 15, 31, 63, 127, 255]
+    assert all(idle[n - 1] == [2, 2, 1, 2, 2] for n in probes)  # the middle slab
+    assert torch.get_num_threads() == 2  # restored after every call
+
+    clock.seconds = {1: 2.0, 2: 20.0}  # shared cores: a few slabs to move
+    assert call() == [2, 2, 2, 1, 1]
+    shared = [call() for _ in range(200)]  # calls 302 to 501
+    # The change of count makes the next call probe; each probe lost doubles the interval.
+    probes = [n for n, counts in enumerate(shared, 302) if counts != [1] * 5]
+    assert probes == [302, 304, 308, 316, 332, 364, 428]
+    assert all(shared[n - 302] == [1, 1, 2, 1, 1] for n in probes)
+
+    clock.seconds = {1: 2.0, 2: 1.0}  # idle again
+    calls = [call() for _ in range(130)]
+    back = next(n for n, counts in enumerate(calls) if counts[-1] == 2)
+    assert back < policy.MAX_PROBE_INTERVAL and calls[back] == [1, 1, 2, 2, 2]
+    # A probe won: the next call probes again, and the intervals grow anew.
+    assert calls[back + 1:back + 5] == [[2, 2, 1, 2, 2], [2] * 5, [2, 2, 1, 2, 2], [2] * 5]
+
+    clock = _SlabClock({1: 2.0, 2: 1.0})
+    policy = attention._SlabThreads(clock)
+    assert [call() for _ in range(20)][-1] == [2] * 5
+    clock.stalls = [50.0]  # one slab stalls (a page fault, say)
+    assert call() == [2] * 5 and call() == [2] * 5
+
+    policy.enabled = False  # off, or on one thread: the slabs as they are
+    assert policy("forward", slabs, 1, like) is slabs
+    policy.enabled = True
+    torch.set_num_threads(1)
+    assert policy("forward", slabs, 1, like) is slabs
+
+
+def test_slab_threads_are_restored_when_the_loop_fails(two_threads):
+    policy = attention._SlabThreads()
+    policy.seconds_per_row = {("backward", 1): 1.0, ("backward", 2): 2.0}
+    policy.next_probe["backward"] = 2  # the first call probes nothing
+    with pytest.raises(RuntimeError, match="out of memory"):
+        for _ in policy("backward", [(0, (0, 1))], 1, torch.empty(0)):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("out of memory")
+    assert torch.get_num_threads() == 2
+
+
 @pytest.mark.parametrize("L,C", [(64, 16), (300, 64), (512, 16)])
 def test_bf16_autocast_runs_and_stays_close_to_fp32(L, C):
     N, H, D = 2, 2, 32

@@ -20,7 +20,8 @@ of chunks of every (batch, head) pair, so that a slab's working set stays in cac
 matmul writes into a workspace reused from slab to slab, because fresh memory costs a page fault
 per 4 KiB on first touch, comparable to the matmuls themselves; the prefix sums over chunks are
 in-place adds, one per chunk, because ``cumsum`` over a middle dimension is a scalar loop on
-CPU; the large outputs ask for transparent huge pages. On CUDA (or while compiling) one slab
+CPU; the large outputs ask for transparent huge pages; each slab runs on all of torch's threads
+or on one, whichever has lately been faster (on shared cores, one; see _SlabThreads). On CUDA (or while compiling) one slab
 covers the whole sequence and the prefix sums are plain ``cumsum``.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import time
 
 import torch
 from torch import nn
@@ -148,6 +150,87 @@ def _chunk_groups(B: int, C: int, nc: int, slabbed: bool) -> list[tuple[int, int
     else:
         per = max(1, CPU_SLAB_ROWS // (B * C))
     return [(c0, min(nc, c0 + per)) for c0 in range(0, nc, per)]
+
+
+class _SlabThreads:
+    """How many threads each CPU slab runs on: all of torch's intra-op threads, or one.
+
+    A slab is a dozen small ops, and each op run on several threads ends in a barrier that
+    waits for the slowest. Idle, two threads ran the kernel 1.6-1.9x faster than one. With
+    other processes on the cores, a thread that has lost its core holds every barrier up for a
+    scheduler time slice: with two busy processes per core, two threads ran 3.4-15x slower than
+    idle (by how the barriers met the time slices) and one thread 2.6-3.2x (fast-transformers'
+    kernel, one parallel loop per call: 3-4.7x).
+    Which count wins depends on the load at the time, so the loop measures: each slab is
+    timed, and the count with the lower recent time per row (for slabs of this shape) runs.
+    A probe runs one slab of a call on the other count, whose figure becomes that slab's
+    time, so that one probe can win the choice back (and a lucky one is undone by the next
+    slabs' times). A probe costs a slab on the slower count (on shared cores a slab on two
+    threads took 0.1-0.3 s), so each probe lost doubles the calls to the next, up to
+    MAX_PROBE_INTERVAL; after any change of count the next call probes, so that a change made
+    on a passing cost (fresh memory's page faults) is soon undone. The results do not depend
+    on the count (each output element is computed by one thread, in the same order; tested).
+    """
+
+    MAX_PROBE_INTERVAL = 128  # calls; 32 steps of a 4-layer model, forward and backward each
+    # Weight of the newest slab's time in the running count's average, each time counted at
+    # most OUTLIER times that average: one slab's stall (a page fault can cost 40-80 ms on two
+    # threads, measured) moves it 1.3x at most and does not change the count; shared cores,
+    # slowing every slab, change it within a few slabs.
+    SMOOTHING = 0.1
+    OUTLIER = 4.0
+
+    def __init__(self, clock=time.perf_counter):
+        self.enabled = True
+        self.clock = clock
+        self.seconds_per_row: dict[tuple[tuple, int], float] = {}  # (shape, count)
+        self.calls: dict[tuple, int] = {}  # per slab shape
+        self.next_probe: dict[tuple, int] = {}  # the call that probes next
+        self.probe_interval: dict[tuple, int] = {}
+
+    def __call__(self, shape: tuple, slabs: list, rows_per_chunk: int, like: torch.Tensor):
+        """`slabs` ([(index, (c0, c1))], in walking order), each run on its count when it
+        yields (on CPU, several threads, outside torch.compile). `shape` names the work per
+        row: slabs with the same shape are timed together."""
+        if not (self.enabled and _use_slabs(like) and torch.get_num_threads() > 1):
+            return slabs
+        return self._timed(shape, slabs, rows_per_chunk)
+
+    def _timed(self, shape, slabs, rows_per_chunk):
+        threads = torch.get_num_threads()
+        calls = self.calls[shape] = self.calls.get(shape, 0) + 1
+        probe = slabs[len(slabs) // 2][0] if calls >= self.next_probe.get(shape, 1) else None
+        best_before = self._choose(shape, threads)
+        try:
+            for i, (c0, c1) in slabs:
+                count = self._choose(shape, threads, other=i == probe)
+                torch.set_num_threads(count)
+                start = self.clock()
+                yield i, (c0, c1)
+                per_row = (self.clock() - start) / ((c1 - c0) * rows_per_chunk)
+                old = self.seconds_per_row.get((shape, count), per_row)
+                per_row = min(per_row, self.OUTLIER * old)
+                self.seconds_per_row[shape, count] = (
+                    per_row if i == probe else old + self.SMOOTHING * (per_row - old))
+        finally:
+            torch.set_num_threads(threads)
+        if self._choose(shape, threads) != best_before:
+            self.probe_interval[shape] = 1
+        elif probe is not None:
+            self.probe_interval[shape] = min(2 * self.probe_interval.get(shape, 1),
+                                             self.MAX_PROBE_INTERVAL)
+        else:
+            return
+        self.next_probe[shape] = calls + self.probe_interval[shape]
+
+    def _choose(self, shape: tuple, threads: int, other: bool = False) -> int:
+        one = self.seconds_per_row.get((shape, 1))
+        many = self.seconds_per_row.get((shape, threads))
+        best = 1 if one is not None and many is not None and one < many else threads
+        return (threads if best == 1 else 1) if other else best
+
+
+SLAB_THREADS = _SlabThreads()
 
 
 def _scan(x: torch.Tensor, carry: torch.Tensor, out: torch.Tensor, reverse: bool = False,
@@ -272,6 +355,11 @@ class _Slabs:
             self.to_end = rate ** (self.C - 1 - i).view(-1, 1)  # (H, C, 1)
             self.chunk_decay = (rate.view(self.H) ** self.C).repeat(self.N)
 
+    def shape(self, direction: str) -> tuple:
+        """What sets the work per row of a slab (for SLAB_THREADS)."""
+        chunks = self.groups[0][1] - self.groups[0][0]
+        return direction, self.B * chunks, self.L, self.C, self.D, self.M, self.chunk_decay is None
+
     def _per_head_(self, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """t (B * g, C, E) times weights (H, C, E or 1), in place, per (batch, head, chunk)."""
         t.view(self.N, self.H, -1, *t.shape[1:]).mul_(weights.unsqueeze(1))
@@ -347,7 +435,7 @@ def _forward(q, k, v, chunk_size, eps, decay):
     carries_z = q.new_empty(len(sl.groups) - 1, B, D, dtype=f32)
     carry_kv = q.new_zeros(B, D * M, dtype=f32)
     carry_z = q.new_zeros(B, D, dtype=f32)
-    for i, (c0, c1) in enumerate(sl.groups):
+    for i, (c0, c1) in SLAB_THREADS(sl.shape("forward"), list(enumerate(sl.groups)), B * C, q):
         g = c1 - c0
         G = B * g
         if i:
@@ -395,8 +483,8 @@ def _backward(q, k, v, out, den_all, carries_kv, carries_z, grad_out, chunk_size
     dcarry_kv = q.new_zeros(B, D * M, dtype=f32)
     dcarry_z = q.new_zeros(B, D, dtype=f32)
     zero_kv, zero_z = q.new_zeros(B, D * M, dtype=f32), q.new_zeros(B, D, dtype=f32)
-    for i in reversed(range(len(sl.groups))):
-        c0, c1 = sl.groups[i]
+    slabs = list(enumerate(sl.groups))[::-1]
+    for i, (c0, c1) in SLAB_THREADS(sl.shape("backward"), slabs, B * C, q):
         t0, t1 = sl.rows(c0, c1)
         g = c1 - c0
         G = B * g
