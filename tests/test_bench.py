@@ -57,7 +57,7 @@ def test_attention_json_has_both_linear_kernels_idle_and_on_shared_cores(quick_r
     assert row["L"] == quick_report["settings"]["shared_len"]
     assert row["busy_processes"] == (quick_report["settings"]["busy_per_core"]
                                      * len(os.sched_getaffinity(0)))
-    for kernel in ("chunked", "library"):
+    for kernel in ("chunked", "chunked_all_threads", "library"):
         m = row[kernel]
         assert m["idle_ms"] > 0 and m["shared_ms"] > 0
         assert m["slowdown"] == pytest.approx(m["shared_ms"] / m["idle_ms"])

@@ -15,7 +15,8 @@ cache (fast-transformers' RecurrentFullAttention, registry name "full").
 
 Shared cores (CPU): forward + backward of (a) and (b) at one length, idle and then while
 other processes keep every core busy (two per core, as other jobs, ranks or loader workers
-would), medians of a few runs each: how much each kernel slows when its cores are shared.
+would), medians of a few runs each: how much each kernel slows when its cores are shared;
+(b) also with every slab on all of torch's threads (SLAB_THREADS off): what its choice buys.
 
 Rates are reported against the machine's matmul rate, measured in the same process, so the
 numbers read as ratios rather than absolute timings. FLOP counts (per batch entry and head):
@@ -54,7 +55,11 @@ from fast_transformers.recurrent.attention.self_attention.full_attention import 
 )
 
 from train.tasks.lm import SequenceModelConfig
-from train.models.attention import ChunkedCausalLinearAttention, RecurrentFP32LinearAttention
+from train.models.attention import (
+    SLAB_THREADS,
+    ChunkedCausalLinearAttention,
+    RecurrentFP32LinearAttention,
+)
 
 # Inputs are already feature-mapped (positive), so both linear modules get the identity map.
 IDENTITY_FEATURE_MAP = ActivationFunctionFeatureMap.factory(lambda x: x)
@@ -369,13 +374,23 @@ def _busy_processes(n: int):
 
 
 def shared_cores_row(s: Settings, device) -> dict | None:
-    """Both linear kernels' forward + backward at s.shared_len, idle and on shared cores (CPU)."""
+    """Both linear kernels' forward + backward at s.shared_len, idle and on shared cores (CPU);
+    the project's also with every slab on all threads (see SLAB_THREADS)."""
     if device.type != "cpu":
         return None
     N, H, D, L = s.batch, s.heads, s.dim, s.shared_len
     q, k, v, grad = _linear_inputs(N, L, H, D, D, device, torch.float32)
-    cases = {"chunked": _LinearCase(ChunkedCausalLinearAttention(
-                 D, IDENTITY_FEATURE_MAP, causal_chunk_size=s.chunk_size), q, k, v, grad),
+    chunked = _LinearCase(ChunkedCausalLinearAttention(
+        D, IDENTITY_FEATURE_MAP, causal_chunk_size=s.chunk_size), q, k, v, grad)
+
+    def chunked_on_all_threads():  # without SLAB_THREADS' choice of one thread
+        SLAB_THREADS.enabled = False
+        try:
+            chunked()
+        finally:
+            SLAB_THREADS.enabled = True
+
+    cases = {"chunked": chunked, "chunked_all_threads": chunked_on_all_threads,
              "library": _LinearCase(CausalLinearAttention(D, IDENTITY_FEATURE_MAP),
                                     q, k, v, grad)}
     busy = s.busy_per_core * len(os.sched_getaffinity(0))
@@ -482,7 +497,8 @@ def format_report(r: dict) -> str:
             f"shared cores, L={shared['L']}, forward+backward, medians: idle -> with "
             f"{shared['busy_processes']} busy processes: " + "; ".join(
                 f"{name} {shared[name]['idle_ms']:.1f} -> {shared[name]['shared_ms']:.1f} ms "
-                f"({shared[name]['slowdown']:.1f}x)" for name in ("chunked", "library")))
+                f"({shared[name]['slowdown']:.1f}x)"
+                for name in ("chunked", "chunked_all_threads", "library")))
         lines.append("")
     lines += [
         f"recurrent sampling, one attention step per token (N={s['batch']} H={s['heads']} "
