@@ -21,8 +21,9 @@ matmul writes into a workspace reused from slab to slab, because fresh memory co
 per 4 KiB on first touch, comparable to the matmuls themselves; the prefix sums over chunks are
 in-place adds, one per chunk, because ``cumsum`` over a middle dimension is a scalar loop on
 CPU; the large outputs ask for transparent huge pages; each slab runs on all of torch's threads
-or on one, whichever has lately been faster (on shared cores, one; see _SlabThreads). On CUDA (or while compiling) one slab
-covers the whole sequence and the prefix sums are plain ``cumsum``.
+or on one, whichever has lately been faster (on shared cores, one; see _SlabThreads). On CUDA
+(or while compiling) one slab covers the whole sequence and the prefix sums are plain
+``cumsum``.
 """
 
 from __future__ import annotations
@@ -358,7 +359,8 @@ class _Slabs:
     def shape(self, direction: str) -> tuple:
         """What sets the work per row of a slab (for SLAB_THREADS)."""
         chunks = self.groups[0][1] - self.groups[0][0]
-        return direction, self.B * chunks, self.L, self.C, self.D, self.M, self.chunk_decay is None
+        decayed = self.chunk_decay is not None
+        return direction, self.B * chunks, self.L, self.C, self.D, self.M, decayed
 
     def _per_head_(self, t: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """t (B * g, C, E) times weights (H, C, E or 1), in place, per (batch, head, chunk)."""

@@ -340,8 +340,8 @@ class TransformerLM(nn.Module):
     (the head reuses the embedding matrix, no head bias); `init` "gpt2" or "default" (PyTorch's
     per-layer defaults); `token_shift` (TokenShift before keys and values);
     `feed_forward_shift` (TokenShift before each feed-forward, its mix starting at
-    `feed_forward_shift_start`); `attention_decay`
-    (chunked-causal-linear's state forgets, per head: see attention.state_decay_rates)."""
+    `feed_forward_shift_start`); `attention_decay` (chunked-causal-linear's state forgets, per
+    head: see attention.state_decay_rates)."""
 
     def __init__(self, vocab_size: int, d_model: int = 256, n_layers: int = 4, n_heads: int = 4,
                  d_ff: int = 1024, dropout: float = 0.0,
